@@ -1,0 +1,65 @@
+"""The ``cnnkit`` command. Each submodule adds its subcommands; this file only dispatches.
+
+Errors a user can cause (``CnnkitError``) print one line ``error: ...`` and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from cnnkit import __version__
+from cnnkit.errors import CnnkitError
+
+# Modules that define subcommands, in the order `cnnkit --help` lists them. Each has
+# ``register(subparsers)`` that adds parsers with ``set_defaults(func=...)``.
+COMMAND_MODULES: list[str] = [
+]
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage dump) and exit status 2."""
+
+    def error(self, message: str):  # noqa: D401
+        sys.stderr.write(f"error: {message} (see `{self.prog} --help`)\n")
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(
+        prog="cnnkit",
+        description="Convolutional networks from the lecture by X. Wang (2015): train, evaluate, "
+        "inspect and run the classic models, and classify every pixel exactly in one pass.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run `cnnkit COMMAND --help` for the options of each command. `cnnkit demo` is the "
+        "quickest start.",
+    )
+    parser.add_argument("--version", action="version", version=f"cnnkit {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except CnnkitError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted: the last completed checkpoint is kept; use --resume to continue\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
