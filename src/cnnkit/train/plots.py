@@ -1,0 +1,59 @@
+"""Pictures of a run: training curves and the confusion matrix, written as PNG (atomically)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from cnnkit.utils import atomic_path  # noqa: E402
+
+
+def save_figure(fig, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_training_curves(rows: list[dict], path: Path, title: str = "") -> None:
+    """Loss (left) and top-1 accuracy (right) per epoch, train and validation."""
+    epochs = [r["epoch"] for r in rows]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ax_loss.plot(epochs, [r["train_loss"] for r in rows], "o-", label="train")
+    ax_loss.plot(epochs, [r["val_loss"] for r in rows], "s-", label="validation")
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy loss", yscale="log", title="loss")
+    ax_acc.plot(epochs, [r["train_acc1"] for r in rows], "o-", label="train")
+    ax_acc.plot(epochs, [r["val_acc1"] for r in rows], "s-", label="validation")
+    ax_acc.set(xlabel="epoch", ylabel="top-1 accuracy", title="accuracy", ylim=(0, 1.01))
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    save_figure(fig, path)
+
+
+def plot_confusion(confusion: torch.Tensor, classes: list[str], path: Path, title: str = "") -> None:
+    """Row-normalised confusion matrix with counts in the cells (up to 30 classes labelled)."""
+    cm = confusion.double()
+    norm = cm / cm.sum(1, keepdim=True).clamp(min=1)
+    k = len(classes)
+    size = min(2 + 0.45 * k, 14)
+    fig, ax = plt.subplots(figsize=(size, size * 0.9))
+    im = ax.imshow(norm.numpy(), cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of the true class")
+    if k <= 30:
+        ax.set_xticks(range(k), classes, rotation=45 if max(map(len, classes)) > 3 else 0, ha="right")
+        ax.set_yticks(range(k), classes)
+        for i in range(k):
+            for j in range(k):
+                if cm[i, j] > 0:
+                    ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
+                            color="white" if norm[i, j] > 0.5 else "black")
+    acc = float(cm.diag().sum() / cm.sum().clamp(min=1))
+    ax.set(xlabel="predicted", ylabel="true", title=title or f"confusion matrix (accuracy {acc:.4f})")
+    save_figure(fig, path)
