@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import logging
 import pickle
 import struct
@@ -16,6 +17,7 @@ from PIL import Image
 from torch.utils.data import ConcatDataset, Subset
 
 import cnnkit.data.common as common
+import cnnkit.data.folder as folder_module
 from cnnkit.data import (
     ArrayDataset,
     FolderDataset,
@@ -122,15 +124,16 @@ def test_digits_shapes_counts_range():
 def test_digits_resize_matches_per_image_interpolate():
     from sklearn.datasets import load_digits
 
-    raw = torch.from_numpy(load_digits().images / 16.0).float()[:, None]  # (1797, 1, 8, 8)
+    digits = load_digits()
+    raw = torch.from_numpy(digits.images / 16.0).float()[:, None]  # (1797, 1, 8, 8)
     splits = load_dataset("digits", (20, 24), channels=3, val_fraction=0.25, seed=3)
-    _, val_idx = stratified_split(torch.from_numpy(load_digits().target), 0.25, 3)
+    _, val_idx = stratified_split(torch.from_numpy(digits.target), 0.25, 3)
     for j in (0, 7, len(val_idx) - 1):
         expected = F.interpolate(raw[val_idx[j]][None], size=(20, 24), mode="bilinear", antialias=True)[0]
         image, label = splits.val[j]
         assert image.shape == (3, 20, 24)
         torch.testing.assert_close(image, expected.clamp(0, 1).expand(3, -1, -1))
-        assert label == int(load_digits().target[val_idx[j]])
+        assert label == int(digits.target[val_idx[j]])
 
 
 def test_split_is_deterministic_stratified_and_disjoint():
@@ -374,6 +377,23 @@ def test_corrupt_file_named_then_skipped(tmp_path, caplog):
     assert len(splits.train) + len(splits.val) == 12
     assert "skipped 2 bad image file(s)" in caplog.text
     assert "broken.png" in caplog.text and "truncated.jpg" in caplog.text
+
+
+def test_known_placeholder_is_a_bad_file(tmp_path, monkeypatch):
+    root = make_folder_tree(tmp_path / "pets", per_class=3, classes=("a", "b"))
+    data = (root / "b" / "img1.jpg").read_bytes()  # a valid image, declared a placeholder below
+    monkeypatch.setattr(folder_module, "KNOWN_PLACEHOLDERS",
+                        {(len(data), hashlib.sha256(data).hexdigest()): "a test placeholder"})
+    monkeypatch.setattr(folder_module, "_PLACEHOLDER_SIZES", {len(data)})
+    with pytest.raises(DataError, match=r"img1\.jpg: a test placeholder; delete it or use --skip-bad-files"):
+        FolderDataset(root, (8, 8))
+    assert len(FolderDataset(root, (8, 8), skip_bad_files=True)) == 5
+
+
+def test_symlink_loop_is_not_followed_forever(tmp_path):
+    root = make_folder_tree(tmp_path / "pets", per_class=2, classes=("a", "b"))
+    (root / "a" / "loop").symlink_to(root / "a", target_is_directory=True)
+    assert len(FolderDataset(root, (8, 8))) == 4
 
 
 def test_folder_seeded_split_and_train_val_layout(tmp_path):

@@ -84,6 +84,12 @@ def rgb_to_luma(images: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _as_tensor(array) -> torch.Tensor:
+    if isinstance(array, np.ndarray) and not array.flags.writeable:  # np.frombuffer of bytes: torch
+        array = array.copy()  # cannot share read-only memory
+    return torch.as_tensor(array)
+
+
 class ArrayDataset(Dataset):
     """Images held in memory as one (N, C, H, W) tensor, resized once at construction.
 
@@ -95,8 +101,7 @@ class ArrayDataset(Dataset):
 
     def __init__(self, images, labels, classes: Sequence[str], size: tuple[int, int] | None = None,
                  *, channels: int | None = None):
-        images, labels = (torch.from_numpy(a.copy()) if isinstance(a, np.ndarray) and not a.flags.writeable
-                          else torch.as_tensor(a) for a in (images, labels))  # e.g. np.frombuffer
+        images, labels = _as_tensor(images), _as_tensor(labels)
         if images.dim() != 4 or labels.dim() != 1 or len(images) != len(labels):
             raise DataError(f"ArrayDataset needs images (N, C, H, W) and labels (N,); got "
                             f"{tuple(images.shape)} and {tuple(labels.shape)}")

@@ -52,8 +52,13 @@ def is_image_file(path: Path) -> bool:
 
 def image_files(folder: Path) -> list[Path]:
     """Image files under ``folder`` (recursively), sorted; hidden entries and other files ignored."""
-    found = []
+    found, seen = [], set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a symlink back up the tree: os.walk would follow it forever
+            dirnames[:] = []
+            continue
+        seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         found.extend(Path(dirpath) / f for f in sorted(filenames) if is_image_file(Path(dirpath) / f))
     return found
