@@ -6,7 +6,7 @@ both dataset kinds yield ``(float32 (C, H, W) in [0, 1], int label)``.
 
 from cnnkit.data.classification import load_dataset
 from cnnkit.data.common import ArrayDataset, Splits, compute_mean_image, labels_of, stratified_split
-from cnnkit.data.folder import FolderDataset
+from cnnkit.data.folder import IMAGE_EXTENSIONS, FolderDataset, load_image
 
-__all__ = ["ArrayDataset", "FolderDataset", "Splits", "compute_mean_image", "labels_of", "load_dataset",
+__all__ = ["IMAGE_EXTENSIONS", "ArrayDataset", "FolderDataset", "load_image", "Splits", "compute_mean_image", "labels_of", "load_dataset",
            "stratified_split"]
