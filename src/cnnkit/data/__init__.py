@@ -8,5 +8,14 @@ from cnnkit.data.classification import load_dataset
 from cnnkit.data.common import ArrayDataset, Splits, compute_mean_image, labels_of, stratified_split
 from cnnkit.data.folder import IMAGE_EXTENSIONS, FolderDataset, load_image
 
-__all__ = ["IMAGE_EXTENSIONS", "ArrayDataset", "FolderDataset", "load_image", "Splits", "compute_mean_image", "labels_of", "load_dataset",
-           "stratified_split"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "ArrayDataset",
+    "FolderDataset",
+    "Splits",
+    "compute_mean_image",
+    "labels_of",
+    "load_dataset",
+    "load_image",
+    "stratified_split",
+]
