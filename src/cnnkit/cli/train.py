@@ -54,7 +54,7 @@ def add_train_arguments(p: argparse.ArgumentParser, defaults) -> None:
     g.add_argument("--dropout", type=float, default=None,
                    help="dropout probability in the fully connected layers, for models that take it")
     g = p.add_argument_group("run")
-    g.add_argument("--out", default=None, help=f"run folder for metrics, plots and checkpoints (default {defaults.out})")
+    g.add_argument("--out", default=None, help=f"run folder for metrics, plots, checkpoints (default {defaults.out})")
     g.add_argument("--seed", type=int, default=None, help="random seed; a CPU run repeats bit for bit (default 0)")
     g.add_argument("--device", default=None, help="auto (CUDA when present), cpu, cuda or cuda:N (default auto)")
     g.add_argument("--resume", action="store_true",
