@@ -181,3 +181,12 @@ def test_unwritable_output_folder(tmp_path, capsys):
 def test_resume_without_a_run(tmp_path, capsys):
     code, _, err = run_cli(capsys, "train", "--resume", "--out", tmp_path / "fresh")
     assert_one_line_error(code, err, "nothing to resume")
+
+
+def test_error_from_a_dataloader_worker_is_one_line():
+    from cnnkit.cli import one_line
+    from cnnkit.errors import DataError
+
+    wrapped = DataError("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent "
+                        "call last):\n  File \"x.py\", line 1\ncnnkit.errors.DataError: cannot decode image a.png")
+    assert one_line(wrapped) == "cannot decode image a.png"

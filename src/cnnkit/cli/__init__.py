@@ -46,6 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(exc: Exception) -> str:
+    """The user-facing line of an error, also when PyTorch re-raised it from a DataLoader worker
+    (its message then holds the worker's traceback, whose last line is the original error)."""
+    text = str(exc).strip()
+    if "Traceback" in text:
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -56,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except CnnkitError as exc:
-        sys.stderr.write(f"error: {exc}\n")
+        sys.stderr.write(f"error: {one_line(exc)}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("interrupted: the last completed checkpoint is kept; use --resume to continue\n")

@@ -21,12 +21,14 @@ import inspect
 import io
 import logging
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from cnnkit.data import compute_mean_image, load_dataset
 from cnnkit.errors import CheckpointError, ConfigError
@@ -206,7 +208,9 @@ def fit(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = None)
 
     best_acc = max((r["val_acc1"] for r in history), default=-1.0)
     val_loader = _loader(splits.val, cfg, shuffle=False, device=device)
-    for epoch in range(start, cfg.epochs + 1):
+    show = sys.stderr.isatty() if progress is None else progress
+    for epoch in tqdm(range(start, cfg.epochs + 1), desc="epochs", initial=start - 1, total=cfg.epochs,
+                      disable=not show, dynamic_ncols=True):
         t0 = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         train, _ = train_one_epoch(model, _loader(splits.train, cfg, shuffle=True, epoch=epoch, device=device),
