@@ -108,6 +108,7 @@ def _class_folders(root, corrupt=False):
 def test_missing_dataset(tmp_path, capsys):
     code, _, err = run_cli(capsys, "train", "--data", tmp_path / "nope", "--out", tmp_path / "o")
     assert_one_line_error(code, err, str(tmp_path / "nope"))
+    assert not (tmp_path / "o").exists()  # no empty run folder left behind
 
 
 def test_empty_dataset_folder(tmp_path, capsys):

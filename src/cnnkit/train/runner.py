@@ -160,7 +160,21 @@ def _copy_atomic(src: Path, dst: Path) -> None:
 
 
 def fit(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = None) -> dict:
-    """Train ``cfg.model`` on ``cfg.data``; returns a summary (accuracies, paths, epochs run)."""
+    """Train ``cfg.model`` on ``cfg.data``; returns a summary (accuracies, paths, epochs run).
+
+    A run that fails before its first file is written leaves no (empty) run folder behind.
+    """
+    created = not Path(cfg.out).exists()
+    try:
+        return _fit(cfg, resume=resume, progress=progress)
+    except BaseException:
+        out = Path(cfg.out)
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+
+def _fit(cfg: TrainConfig, *, resume: bool, progress: bool | None) -> dict:
     out = ensure_writable_dir(cfg.out)
     last_path, best_path = out / "last.safetensors", out / "best.safetensors"
     ckpt = None
