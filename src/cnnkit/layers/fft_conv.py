@@ -1,0 +1,166 @@
+"""Convolution in the frequency domain (the lecture's "Can we apply CNN in frequency domain?").
+
+By the convolution theorem a (circular) correlation is a pointwise product of spectra:
+``corr(x, w) = irfft(rfft(x) * conj(rfft(w)))``. The cost of a direct convolution grows with the
+kernel area (``O(H W k^2)`` per channel pair), the FFT's does not (``O(H W log(H W))`` per map, plus
+one complex multiply-add per frequency and channel pair), so for large kernels the frequency domain
+wins (Mathieu, Henaff, LeCun, "Fast training of convolutional networks through FFTs", ICLR 2014).
+``benchmarks/layers.py`` measures the crossover.
+
+:class:`FFTConv1d` / :class:`FFTConv2d` subclass ``nn.Conv1d`` / ``nn.Conv2d``: same arguments,
+parameters, initialisation and state dict, and the same results (to rounding), including
+``stride``, ``padding`` (ints, ``"same"``, ``"valid"``, any ``padding_mode``), ``dilation``,
+``groups`` and ``bias``. How each is handled:
+
+* padding: the input is zero-padded explicitly (other modes by ``nn.Conv``'s own ``F.pad``);
+* dilation: zeros are inserted between the kernel taps, then the kernel is an ordinary one;
+* no wrap-around: both are zero-extended to ``N >= padded input length`` per axis (the next
+  2-3-5-smooth length, fast for pocketfft/cuFFT); every valid output ``o`` only reads
+  ``x[o .. o + span - 1]``, which never wraps when ``N`` covers the input;
+* channels and groups: one batched complex matrix product per frequency,
+  ``Y[b, o] = sum_c X[b, c] * conj(W[o, c])``, within each group;
+* stride: the full stride-1 correlation is computed and subsampled.
+
+Nothing is cached between calls, so autograd sees one ordinary graph (rfftn/irfftn are
+differentiable). float32 and float64 are computed natively; float16/bfloat16 inputs go through
+float32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cnnkit.errors import ConfigError
+from cnnkit.layers._common import IntOrTuple, as_tuple, check_input, effective_kernel
+
+
+def next_fast_len(n: int) -> int:
+    """Smallest ``m >= n`` whose only prime factors are 2, 3 and 5 (an efficient FFT length)."""
+    best = 1 << max(0, (n - 1).bit_length())  # a power of two is always a candidate
+    p5 = 1
+    while p5 < best:
+        p35 = p5
+        while p35 < best:
+            m = p35
+            while m < n:
+                m *= 2
+            best = min(best, m)
+            p35 *= 3
+        p5 *= 5
+    return best
+
+
+def _resolve_padding(padding, kernel, dilation, stride, n: int, layer: str) -> list[tuple[int, int]]:
+    """(left, right) zero padding per spatial axis, with PyTorch's rule for ``"same"``."""
+    if padding == "valid":
+        return [(0, 0)] * n
+    if padding == "same":
+        if any(s != 1 for s in stride):
+            raise ConfigError(f"{layer}: padding='same' needs stride 1 (as nn.Conv), got stride {stride}")
+        totals = [d * (k - 1) for k, d in zip(kernel, dilation)]
+        return [(t // 2, t - t // 2) for t in totals]
+    if isinstance(padding, str):
+        raise ConfigError(f"{layer}: padding must be an int, a tuple, 'same' or 'valid', got {padding!r}")
+    return [(p, p) for p in as_tuple(padding, n, f"{layer} padding", minimum=0)]
+
+
+def fft_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+             stride: IntOrTuple = 1, padding: IntOrTuple | str = 0, dilation: IntOrTuple = 1,
+             groups: int = 1) -> torch.Tensor:
+    """``F.conv1d`` / ``F.conv2d`` (chosen by ``weight.dim()``) computed with real FFTs."""
+    n = weight.dim() - 2
+    layer = f"FFTConv{n}d"
+    if n not in (1, 2):
+        raise ConfigError(f"fft_conv weight must be (O, C/groups, k) or (O, C/groups, k_h, k_w), "
+                          f"got shape {tuple(weight.shape)}")
+    check_input(x, n, layer, weight.shape[1] * groups)
+    O, Cg, *kernel = weight.shape
+    if O % groups:
+        raise ConfigError(f"{layer}: {O} output channels are not divisible by groups={groups}")
+    s = as_tuple(stride, n, f"{layer} stride")
+    d = as_tuple(dilation, n, f"{layer} dilation")
+    pads = _resolve_padding(padding, kernel, d, s, n, layer)
+    span = [effective_kernel(k, di) for k, di in zip(kernel, d)]
+    padded = [L + lo + hi for L, (lo, hi) in zip(x.shape[2:], pads)]
+    if any(sp > P for sp, P in zip(span, padded)):
+        raise ConfigError(f"{layer}: kernel {tuple(kernel)} (dilation {d}) is larger than the padded input "
+                          f"{tuple(padded)}; use a smaller kernel or a larger input")
+    out = [(P - sp) // si + 1 for P, sp, si in zip(padded, span, s)]
+
+    dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+    x = F.pad(x.to(dtype), [p for lo_hi in reversed(pads) for p in lo_hi])  # (B, C, *padded)
+    w = weight.to(dtype)
+    if any(di > 1 for di in d):  # insert d - 1 zeros between taps
+        dilated = w.new_zeros(O, Cg, *span)
+        dilated[(..., *(slice(None, None, di) for di in d))] = w
+        w = dilated
+
+    sizes = [next_fast_len(P) for P in padded]
+    dims = tuple(range(-n, 0))
+    X = torch.fft.rfftn(x, s=sizes, dim=dims)  # (B, C, *freq)
+    Wf = torch.fft.rfftn(w, s=sizes, dim=dims)  # (O, C/g, *freq)
+    B, freq = x.shape[0], X.shape[2:]
+    X = X.reshape(B, groups, Cg, -1)  # (B, G, C/g, F)
+    Wf = Wf.reshape(groups, O // groups, Cg, -1)  # (G, O/g, C/g, F)
+    Y = torch.einsum("bgcf,gocf->bgof", X, Wf.conj())  # correlation = product with the conjugate
+    y = torch.fft.irfftn(Y.reshape(B, O, *freq), s=sizes, dim=dims)  # (B, O, *sizes)
+    y = y[(..., *(slice(0, (o - 1) * si + 1, si) for o, si in zip(out, s)))]  # valid part, strided
+    if bias is not None:
+        y = y + bias.to(dtype).view(O, *([1] * n))
+    return y.to(weight.dtype) if weight.dtype != dtype else y
+
+
+def _check_conv_args(layer: str, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                     n: int) -> None:
+    """Turn the argument errors ``nn.Conv`` would raise as ValueError into one-line ConfigErrors."""
+    for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{layer} {name} must be a positive int, got {value!r}")
+    if in_channels % groups or out_channels % groups:
+        raise ConfigError(f"{layer}: in_channels={in_channels} and out_channels={out_channels} must both be "
+                          f"divisible by groups={groups}")
+    kernel = as_tuple(kernel_size, n, f"{layer} kernel_size")
+    s = as_tuple(stride, n, f"{layer} stride")
+    d = as_tuple(dilation, n, f"{layer} dilation")
+    _resolve_padding(padding, kernel, d, s, n, layer)
+
+
+class FFTConv1d(nn.Conv1d):
+    """``nn.Conv1d`` computed in the frequency domain (same arguments, parameters and results)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: IntOrTuple, stride: IntOrTuple = 1,
+                 padding: IntOrTuple | str = 0, dilation: IntOrTuple = 1, groups: int = 1, bias: bool = True,
+                 padding_mode: str = "zeros", device=None, dtype=None):
+        _check_conv_args("FFTConv1d", in_channels, out_channels, kernel_size, stride, padding, dilation,
+                         groups, 1)
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         padding_mode, device, dtype)
+
+    def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+        padding = self.padding
+        if self.padding_mode != "zeros":  # as nn.Conv1d: pad with the mode, then convolve unpadded
+            input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = 0
+        return fft_conv(input, weight, bias, self.stride, padding, self.dilation, self.groups)
+
+
+class FFTConv2d(nn.Conv2d):
+    """``nn.Conv2d`` computed in the frequency domain (same arguments, parameters and results)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: IntOrTuple, stride: IntOrTuple = 1,
+                 padding: IntOrTuple | str = 0, dilation: IntOrTuple = 1, groups: int = 1, bias: bool = True,
+                 padding_mode: str = "zeros", device=None, dtype=None):
+        _check_conv_args("FFTConv2d", in_channels, out_channels, kernel_size, stride, padding, dilation,
+                         groups, 2)
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         padding_mode, device, dtype)
+
+    def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+        padding = self.padding
+        if self.padding_mode != "zeros":  # as nn.Conv2d: pad with the mode, then convolve unpadded
+            input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = 0
+        return fft_conv(input, weight, bias, self.stride, padding, self.dilation, self.groups)
+
