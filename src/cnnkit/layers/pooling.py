@@ -127,6 +127,12 @@ def avg_pool(x: torch.Tensor, kernel_size: IntOrTuple, stride: IntOrTuple | None
     if d == (1,) * n:
         fn = F.avg_pool1d if n == 1 else F.avg_pool2d
         return fn(x, k, s, p, ceil_mode=ceil_mode, count_include_pad=count_include_pad)
+    return _sum_and_divide(x, k, s, p, d, out, count_include_pad, layer)
+
+
+def _sum_and_divide(x: torch.Tensor, k, s, p, d, out, count_include_pad: bool, layer: str) -> torch.Tensor:
+    """Window sums divided by tap counts; any dilation (with dilation 1 it reproduces F.avg_pool)."""
+    n = x.dim() - 2
     counts = [_axis_counts(L, o, ki, si, pi, di, count_include_pad)
               for L, o, ki, si, pi, di in zip(x.shape[2:], out, k, s, p, d)]
     for axis, c in enumerate(counts):
