@@ -142,11 +142,15 @@ class _LocalContrastNormNd(nn.Module):
         self.dilation = as_tuple(dilation, n, "LCN dilation")
         self.sigma, self.across_channels, self.c = sigma, across_channels, c
         self.padding, self.eps = padding, eps
-        # Not persistent: it is a function of the arguments, not learned state.
-        self.register_buffer("window", gaussian_window(self.kernel_size, sigma, n), persistent=False)
+        gaussian_window(self.kernel_size, sigma, n)  # validates sigma now rather than at the first call
+
+    def window(self, dtype: torch.dtype = torch.float64, device=None) -> torch.Tensor:
+        """The normalised Gaussian window (built per call in the input's dtype: no stored state)."""
+        return gaussian_window(self.kernel_size, self.sigma, self.spatial_dims, dtype, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return local_contrast_norm(x, self.window, across_channels=self.across_channels, c=self.c,
+        window = self.window(x.dtype if x.is_floating_point() else torch.float32, x.device)
+        return local_contrast_norm(x, window, across_channels=self.across_channels, c=self.c,
                                    padding=self.padding, dilation=self.dilation, eps=self.eps)
 
     def shrink(self) -> tuple[int, ...]:
