@@ -13,12 +13,15 @@ parameters, initialisation and state dict, and the same results (to rounding), i
 ``groups`` and ``bias``. How each is handled:
 
 * padding: the input is zero-padded explicitly (other modes by ``nn.Conv``'s own ``F.pad``);
-* dilation: zeros are inserted between the kernel taps, then the kernel is an ordinary one;
+* dilation: the taps sit ``d`` apart in the kernel's DFT;
 * no wrap-around: both are zero-extended to ``N >= padded input length`` per axis (the next
   2-3-5-smooth length, fast for pocketfft/cuFFT); every valid output ``o`` only reads
-  ``x[o .. o + span - 1]``, which never wraps when ``N`` covers the input;
-* channels and groups: one batched complex matrix product per frequency,
-  ``Y[b, o] = sum_c X[b, c] * conj(W[o, c])``, within each group;
+  ``x[o .. o + span - 1]``, which never wraps when ``N`` covers the input (no need for the
+  ``L + k - 1`` of a full linear convolution);
+* channels and groups: ``Y[b, o] = sum_c X[b, c] * conj(W[o, c])`` per frequency within each
+  group, one batched complex matrix product; the kernel's (conjugate) spectrum is computed as a
+  small matrix product with a DFT matrix per axis, since it has only ``k`` taps (see
+  ``_kernel_spectrum``);
 * stride: the full stride-1 correlation is computed and subsampled.
 
 Nothing is cached between calls, so autograd sees one ordinary graph (rfftn/irfftn are
@@ -27,6 +30,8 @@ float32.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -91,25 +96,51 @@ def fft_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
 
     dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
     x = F.pad(x.to(dtype), [p for lo_hi in reversed(pads) for p in lo_hi])  # (B, C, *padded)
-    w = weight.to(dtype)
-    if any(di > 1 for di in d):  # insert d - 1 zeros between taps
-        dilated = w.new_zeros(O, Cg, *span)
-        dilated[(..., *(slice(None, None, di) for di in d))] = w
-        w = dilated
-
     sizes = [next_fast_len(P) for P in padded]
     dims = tuple(range(-n, 0))
+    B, G, Og = x.shape[0], groups, O // groups
     X = torch.fft.rfftn(x, s=sizes, dim=dims)  # (B, C, *freq)
-    Wf = torch.fft.rfftn(w, s=sizes, dim=dims)  # (O, C/g, *freq)
-    B, freq = x.shape[0], X.shape[2:]
-    X = X.reshape(B, groups, Cg, -1)  # (B, G, C/g, F)
-    Wf = Wf.reshape(groups, O // groups, Cg, -1)  # (G, O/g, C/g, F)
-    Y = torch.einsum("bgcf,gocf->bgof", X, Wf.conj())  # correlation = product with the conjugate
-    y = torch.fft.irfftn(Y.reshape(B, O, *freq), s=sizes, dim=dims)  # (B, O, *sizes)
+    freq = X.shape[2:]
+    # Channel mixing: one (B x C/g) @ (C/g x O/g) complex product per frequency and group, as a
+    # single bmm over contiguous (G*F, ...) batches (a permuted view would make bmm copy per matrix).
+    Xb = X.reshape(B, G, Cg, -1).permute(1, 3, 0, 2).contiguous().view(-1, B, Cg)  # (G*F, B, C/g)
+    Wb = _kernel_spectrum(weight.to(dtype), sizes, d, groups).view(-1, Cg, Og)  # (G*F, C/g, O/g)
+    Y = torch.bmm(Xb, Wb).view(G, -1, B, Og).permute(2, 0, 3, 1).reshape(B, O, *freq)  # (B, O, *freq)
+    y = torch.fft.irfftn(Y, s=sizes, dim=dims)  # (B, O, *sizes): y[o] = sum_m w[m] x[o + m]
     y = y[(..., *(slice(0, (o - 1) * si + 1, si) for o, si in zip(out, s)))]  # valid part, strided
     if bias is not None:
         y = y + bias.to(dtype).view(O, *([1] * n))
     return y.to(weight.dtype) if weight.dtype != dtype else y
+
+
+def _conj_dft_matrix(size: int, taps: int, dilation: int, half: bool, dtype: torch.dtype,
+                     device: torch.device) -> torch.Tensor:
+    """``E[u, m] = exp(+2 pi i u (m d) / size)`` for u < size (or size // 2 + 1 if ``half``): the
+    conjugate DFT of a kernel tap at position ``m * d``. Conjugate, because a correlation is the
+    product with the conjugate spectrum."""
+    rows = size // 2 + 1 if half else size
+    phase = (torch.arange(rows)[:, None] * (torch.arange(taps)[None, :] * dilation)) % size  # exact ints
+    angle = phase.to(torch.float64) * (2 * math.pi / size)
+    return torch.complex(torch.cos(angle), torch.sin(angle)).to(device=device, dtype=dtype.to_complex())
+
+
+def _kernel_spectrum(weight: torch.Tensor, sizes, dilation, groups: int) -> torch.Tensor:
+    """Conjugate spectrum of (O, C/g, *k) kernels on the ``sizes`` grid, laid out (G, *freq, C/g, O/g).
+
+    A kernel has k << N taps per axis, so its DFT is a small matrix product per axis with a
+    (N x k) DFT matrix, which also yields the frequency-major layout that the channel mixing needs
+    (an FFT of the zero-padded kernel costs as much as a full map's and comes out channel-major).
+    Dilation only changes the taps' positions ``m * d`` in the DFT matrix.
+    """
+    n = weight.dim() - 2
+    O, Cg, *k = weight.shape
+    t = weight.to(weight.dtype.to_complex()).view(groups, O // groups, Cg, *k)
+    t = t.permute(*range(3, 3 + n), 0, 2, 1)  # (*k, G, C/g, O/g)
+    for axis in reversed(range(n)):
+        E = _conj_dft_matrix(sizes[axis], k[axis], dilation[axis], axis == n - 1, weight.dtype, weight.device)
+        # contract this axis's taps (at position n - 1, after the frequency axes already made)
+        t = torch.tensordot(E, t, dims=([1], [n - 1]))  # (freq_axis, ...)
+    return t.permute(n, *range(n), n + 1, n + 2).contiguous()  # (G, *freq, C/g, O/g)
 
 
 def _check_conv_args(layer: str, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
