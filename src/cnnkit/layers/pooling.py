@@ -9,9 +9,9 @@ apart, the "d-regularly sparse" kernels of the dense converter, Li et al. arXiv:
 Average pooling with ``dilation > 1`` does not exist in PyTorch (pytorch/pytorch#14907). Here it is
 computed exactly, as a sum divided by a count:
 
-* the sum: a depthwise convolution of the zero-padded map with an all-ones dilated kernel (the
-  fastest dilated window primitive on CPU and GPU), with a hand-written backward that is again a
-  forward window sum (PyTorch's own CPU backward for it is an order of magnitude slower);
+* the sum: a depthwise convolution of the zero-padded map with a constant dilated kernel (the
+  fastest dilated window primitive on CPU and GPU); with stride 1 its backward is hand-written as
+  another forward window sum (PyTorch's own CPU backward for it is several times slower);
 * the count, per output position, is the number of taps that fall inside the padded map
   (``count_include_pad=True``) or inside the unpadded map (``False``). Taps of a ceil-mode window
   that hang beyond the right padding are never counted. With ``dilation=1`` these are PyTorch's
@@ -76,44 +76,44 @@ def _axis_counts(size: int, n_out: int, k: int, s: int, p: int, d: int, include_
 
 
 class _WindowSum(torch.autograd.Function):
-    """Sum over every dilated window of an already padded (B, C, H, W) map, as a depthwise convolution.
+    """``scale`` times the sum over every stride-1 dilated window of an already padded (B, C, H, W) map.
 
-    Forward is a depthwise convolution with an all-ones kernel. Backward is its adjoint: each input
-    pixel receives the sum of the gradients of the windows that contain it, which is again a window
-    sum (the ones kernel is its own flip) over the zero-stuffed, fully padded gradient. Writing it as a
-    forward convolution matters: PyTorch's CPU depthwise-convolution backward is 10-40x slower than its
-    forward (see benchmarks/layers.py). The backward is built from differentiable ops, so double
-    backward works too.
+    Forward is a depthwise convolution with a constant kernel. Backward is its adjoint: each input
+    pixel receives the (scaled) sum of the gradients of the windows that contain it, a full
+    correlation of the gradient with the same constant kernel (it is its own flip), run as another
+    forward convolution. That matters on CPU, where PyTorch's depthwise-convolution backward is
+    several times slower than its forward (benchmarks/layers.py). Padding is explicit because
+    oneDNN's fast depthwise kernel falls back to a slow one for padding of about half the kernel span
+    or more. The backward is built from differentiable ops, so double backward works too.
     """
 
     @staticmethod
-    def forward(ctx, x, kernel, stride, dilation):
-        ctx.kernel, ctx.stride, ctx.dilation, ctx.in_size = kernel, stride, dilation, x.shape[2:]
-        ones = x.new_ones(x.shape[1], 1, *kernel)
-        return F.conv2d(x, ones, stride=stride, dilation=dilation, groups=x.shape[1])
+    def forward(ctx, x, kernel, dilation, scale):
+        ctx.args = (kernel, dilation, scale)
+        weight = x.new_full((x.shape[1], 1, *kernel), scale)
+        return F.conv2d(x, weight, dilation=dilation, groups=x.shape[1])
 
     @staticmethod
     def backward(ctx, grad):
-        k, s, d, (H, W) = ctx.kernel, ctx.stride, ctx.dilation, ctx.in_size
-        B, C, oh, ow = grad.shape
-        if s != (1, 1):  # zero-stuff: output (i, j) sits at input position (i*sh, j*sw)
-            stuffed = grad.new_zeros(B, C, (oh - 1) * s[0] + 1, (ow - 1) * s[1] + 1)
-            stuffed[..., :: s[0], :: s[1]] = grad
-            grad = stuffed
+        k, d, scale = ctx.args
         e = [effective_kernel(ki, di) - 1 for ki, di in zip(k, d)]
-        # Full padding on the left; on the right also the input rows no window reached (gradient 0).
-        pad = (e[1], W - grad.shape[3], e[0], H - grad.shape[2])
-        ones = grad.new_ones(C, 1, *k)
-        return F.conv2d(F.pad(grad, pad), ones, dilation=d, groups=C), None, None, None
+        weight = grad.new_full((grad.shape[1], 1, *k), scale)
+        full = F.pad(grad, (e[1], e[1], e[0], e[0]))  # (B, C, H + e_h, W + e_w)
+        return F.conv2d(full, weight, dilation=d, groups=grad.shape[1]), None, None, None
 
 
-def _dilated_window_sums(x: torch.Tensor, k, s, p, d, out) -> torch.Tensor:
-    """Sum of every dilated window of a (B, C, H, W) map with zero padding; output (B, C, *out)."""
-    # Pad ``p`` on the left and, on the right, as far as the last (ceil-mode) window reaches.
+def _dilated_window_sums(x: torch.Tensor, k, s, p, d, out, scale: float) -> torch.Tensor:
+    """``scale`` * sum of every dilated window of a (B, C, H, W) map with zero padding; (B, C, *out)."""
+    # Pad p on the left and, on the right, as far as the last (possibly ceil-mode) window reaches.
     need = [(o - 1) * si + effective_kernel(ki, di) for o, si, ki, di in zip(out, s, k, d)]
     right = [max(pi, n_i - L - pi) for pi, n_i, L in zip(p, need, x.shape[2:])]
-    xp = F.pad(x, (p[1], right[1], p[0], right[0]))
-    return _WindowSum.apply(xp, tuple(k), tuple(s), tuple(d))[..., : out[0], : out[1]]
+    if any(p) or any(right):
+        x = F.pad(x, (p[1], right[1], p[0], right[0]))
+    if s == (1, 1):  # the dense converter's case (every stride is 1 there): the fast adjoint
+        sums = _WindowSum.apply(x, tuple(k), tuple(d), scale)
+    else:  # strided: PyTorch's own backward measured as fast as a zero-stuffed adjoint
+        sums = F.conv2d(x, x.new_full((x.shape[1], 1, *k), scale), stride=s, dilation=d, groups=x.shape[1])
+    return sums[..., : out[0], : out[1]]
 
 
 def avg_pool(x: torch.Tensor, kernel_size: IntOrTuple, stride: IntOrTuple | None = None,
@@ -133,21 +133,25 @@ def avg_pool(x: torch.Tensor, kernel_size: IntOrTuple, stride: IntOrTuple | None
 def _sum_and_divide(x: torch.Tensor, k, s, p, d, out, count_include_pad: bool, layer: str) -> torch.Tensor:
     """Window sums divided by tap counts; any dilation (with dilation 1 it reproduces F.avg_pool)."""
     n = x.dim() - 2
-    counts = [_axis_counts(L, o, ki, si, pi, di, count_include_pad)
-              for L, o, ki, si, pi, di in zip(x.shape[2:], out, k, s, p, d)]
-    for axis, c in enumerate(counts):
-        if 0 in c:
-            raise ConfigError(f"{layer}: output index {c.index(0)} along spatial axis {axis} has a window "
-                              f"made only of padding; use count_include_pad=True or less padding/dilation")
     if n == 1:  # a length-L map is a 1 x L image
         k, s, p, d, out = (1, *k), (1, *s), (0, *p), (1, *d), (1, *out)
-        counts.insert(0, [1])
         x = x.unsqueeze(2)
-    sums = _dilated_window_sums(x, k, s, p, d, out)  # (B, C, out_h, out_w)
-    if all(set(c) == {ki} for c, ki in zip(counts, k)):  # every window counts all its taps
-        y = sums / (k[0] * k[1])
+    # Every window counts all its k_h * k_w taps unless padding is excluded or a ceil-mode window
+    # hangs past the padding; then the divisor is the outer product of per-axis tap counts.
+    full = all((count_include_pad or pi == 0) and (o - 1) * si + effective_kernel(ki, di) <= L + 2 * pi
+               for L, o, ki, si, pi, di in zip(x.shape[2:], out, k, s, p, d))
+    if full:
+        y = _dilated_window_sums(x, k, s, p, d, out, 1.0 / (k[0] * k[1]))  # (B, C, out_h, out_w)
     else:
-        y = sums / torch.outer(*(torch.tensor(c, dtype=x.dtype, device=x.device) for c in counts))
+        counts = [_axis_counts(L, o, ki, si, pi, di, count_include_pad)
+                  for L, o, ki, si, pi, di in zip(x.shape[2:], out, k, s, p, d)]
+        for axis, c in enumerate(counts[2 - n:]):
+            if 0 in c:
+                raise ConfigError(f"{layer}: output index {c.index(0)} along spatial axis {axis} has a "
+                                  f"window made only of padding; use count_include_pad=True or less "
+                                  f"padding/dilation")
+        divisor = torch.outer(*(torch.tensor(c, dtype=x.dtype, device=x.device) for c in counts))
+        y = _dilated_window_sums(x, k, s, p, d, out, 1.0) / divisor
     return y.squeeze(2) if n == 1 else y
 
 
