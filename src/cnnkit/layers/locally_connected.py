@@ -91,8 +91,10 @@ class _LocallyConnectedNd(nn.Module):
         x2 = x if self.spatial_dims == 2 else x.unsqueeze(2)  # a length-L map is a 1 x L image
         cols = F.unfold(x2, self._as_2d(self.kernel_size, 1), self._as_2d(self.dilation, 1),
                         self._as_2d(self.padding, 0), self._as_2d(self.stride, 1))  # (B, C*k_h*k_w, L)
-        y = torch.einsum("bkl,lok->bol", cols, self.weight)  # one (B x K) @ (K x O) product per location
-        y = y.reshape(x.shape[0], self.out_channels, *self.output_size)
+        # One (B x K) @ (K x O) product per location, as a single bmm over contiguous location
+        # batches (einsum picks a strided layout here that is ~5x slower on CPU).
+        y = torch.bmm(cols.permute(2, 0, 1).contiguous(), self.weight.transpose(1, 2))  # (L, B, O)
+        y = y.permute(1, 2, 0).reshape(x.shape[0], self.out_channels, *self.output_size)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:

@@ -240,7 +240,7 @@ def channel_max_pool(x: torch.Tensor, group_size: int, return_indices: bool = Fa
     if C % group_size:
         raise ConfigError(f"ChannelMaxPool: {C} channels are not divisible by group_size {group_size}; "
                           f"use a number of filters that is a multiple of the group size")
-    values, indices = x.view(B, C // group_size, group_size, *x.shape[2:]).max(dim=2)  # (B, C/g, *S)
+    values, indices = x.reshape(B, C // group_size, group_size, *x.shape[2:]).max(dim=2)  # (B, C/g, *S)
     return (values, indices) if return_indices else values
 
 
