@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnnkit.errors import ConfigError
-from cnnkit.layers._common import IntOrTuple, as_tuple, check_input, effective_kernel
+from cnnkit.layers._common import IntOrTuple, as_tuple, check_float, check_input, effective_kernel
 
 
 def next_fast_len(n: int) -> int:
@@ -81,6 +81,7 @@ def fft_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
         raise ConfigError(f"fft_conv weight must be (O, C/groups, k) or (O, C/groups, k_h, k_w), "
                           f"got shape {tuple(weight.shape)}")
     check_input(x, n, layer, weight.shape[1] * groups)
+    check_float(x, layer)
     O, Cg, *kernel = weight.shape
     if O % groups:
         raise ConfigError(f"{layer}: {O} output channels are not divisible by groups={groups}")
@@ -94,7 +95,8 @@ def fft_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
                           f"{tuple(padded)}; use a smaller kernel or a larger input")
     out = [(P - sp) // si + 1 for P, sp, si in zip(padded, span, s)]
 
-    dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+    in_dtype = x.dtype
+    dtype = in_dtype if in_dtype in (torch.float32, torch.float64) else torch.float32  # no half FFTs
     x = F.pad(x.to(dtype), [p for lo_hi in reversed(pads) for p in lo_hi])  # (B, C, *padded)
     sizes = [next_fast_len(P) for P in padded]
     dims = tuple(range(-n, 0))
@@ -110,7 +112,7 @@ def fft_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
     y = y[(..., *(slice(0, (o - 1) * si + 1, si) for o, si in zip(out, s)))]  # valid part, strided
     if bias is not None:
         y = y + bias.to(dtype).view(O, *([1] * n))
-    return y.to(weight.dtype) if weight.dtype != dtype else y
+    return y.to(in_dtype)
 
 
 def _conj_dft_matrix(size: int, taps: int, dilation: int, half: bool, dtype: torch.dtype,
