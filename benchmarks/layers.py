@@ -3,14 +3,16 @@
 1. LocallyConnected2d (unfold + one batched matmul) against a naive Python loop over output
    locations (one matmul per location), forward + backward.
 2. FFTConv2d against F.conv2d over odd kernel sizes 3..31 on 128x128 maps ("same" padding),
-   forward (and forward + backward), with the crossover kernel size.
+   forward (and forward + backward for k = 3, 7, ..., 31), with the crossover kernel size.
 3. Dilated average pooling (cnnkit.layers.avg_pool) against the usual emulation, a depthwise
    convolution with a constant dilated kernel, forward and forward + backward.
 
     python benchmarks/layers.py            # full run
     python benchmarks/layers.py --quick    # fewer sizes and repetitions
+    python benchmarks/layers.py --threads 1 --only fft
 
-Timings on a shared machine are noisy: read the ratios, which are measured back to back.
+Timings on a shared machine are noisy: read the ratios, which are measured back to back. On a
+loaded machine ``--threads 1`` gives far steadier ratios (idle threads spin-wait for busy cores).
 """
 
 from __future__ import annotations
@@ -91,7 +93,7 @@ def bench_fft_conv(reps: int, quick: bool) -> None:
         t_conv = median_ms(lambda: F.conv2d(x, w, padding=k // 2), reps)  # noqa: B023
         t_fft = median_ms(lambda: fft_conv(x, w, padding=k // 2), reps)  # noqa: B023
         line = f"{k:>6}{t_conv:>11.1f}{t_fft:>10.1f}{t_conv / t_fft:>10.2f}"
-        if not quick:
+        if not quick and k % 4 == 3:  # forward + backward on every other size: a direct one is slow
             tb_conv = median_ms(forward_backward(lambda a, b: F.conv2d(a, b, padding=k // 2), xg, wg), reps)  # noqa: B023
             tb_fft = median_ms(forward_backward(lambda a, b: fft_conv(a, b, padding=k // 2), xg, wg), reps)  # noqa: B023
             line += f"{tb_conv:>11.1f}{tb_fft:>10.1f}{tb_conv / tb_fft:>10.2f}"

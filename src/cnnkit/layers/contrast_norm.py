@@ -12,8 +12,9 @@ so that ``sum_{i,p,q} w_pq = 1`` over the C feature maps ``i`` and the spatial o
 so ``sigma_N`` is the Gaussian-weighted spread of the *already centred* map around each position
 (two passes, numerically stable) and ``c = mean_{j,k}(sigma[j,k])`` per image (``c="mean"``, as
 Jarrett et al.), or a fixed number. With ``c="mean"`` every output depends on the whole image;
-a fixed ``c`` keeps the layer local (what exact pixelwise / dense evaluation needs). ``max(c, sigma)`` keeps flat regions from being amplified:
-the division only ever shrinks contrast that is above the image's typical level.
+a fixed ``c`` keeps the layer local (what exact pixelwise / dense evaluation needs).
+``max(c, sigma)`` keeps flat regions from being amplified: the division only ever shrinks contrast
+that is above the image's typical level.
 
 Options beyond the paper, each documented where it is used:
 

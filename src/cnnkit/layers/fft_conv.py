@@ -107,12 +107,39 @@ def fft_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
     # single bmm over contiguous (G*F, ...) batches (a permuted view would make bmm copy per matrix).
     Xb = X.reshape(B, G, Cg, -1).permute(1, 3, 0, 2).contiguous().view(-1, B, Cg)  # (G*F, B, C/g)
     Wb = _kernel_spectrum(weight.to(dtype), sizes, d, groups).view(-1, Cg, Og)  # (G*F, C/g, O/g)
-    Y = torch.bmm(Xb, Wb).view(G, -1, B, Og).permute(2, 0, 3, 1).reshape(B, O, *freq)  # (B, O, *freq)
+    Y = _ContiguousBmm.apply(Xb, Wb).view(G, -1, B, Og)  # (G, F, B, O/g)
+    Y = Y.permute(2, 0, 3, 1).reshape(B, O, *freq)  # (B, O, *freq)
     y = torch.fft.irfftn(Y, s=sizes, dim=dims)  # (B, O, *sizes): y[o] = sum_m w[m] x[o + m]
     y = y[(..., *(slice(0, (o - 1) * si + 1, si) for o, si in zip(out, s)))]  # valid part, strided
     if bias is not None:
         y = y + bias.to(dtype).view(O, *([1] * n))
     return y.to(in_dtype)
+
+
+class _ContiguousBmm(torch.autograd.Function):
+    """``torch.bmm`` whose backward hands bmm contiguous operands.
+
+    Autograd's own bmm backward multiplies by conjugate-transposed *views*; for complex tensors on
+    CPU that sends bmm down a path that copies every one of the F small matrices separately (tens of
+    thousands of copies here, most of FFTConv's backward time). Same formulas
+    (``grad_a = grad @ b^H``, ``grad_b = a^H @ grad``), materialised once.
+    """
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return torch.bmm(a, b)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_a = torch.bmm(grad, b.transpose(1, 2).conj().contiguous())
+        if ctx.needs_input_grad[1]:
+            grad_b = torch.bmm(a.transpose(1, 2).conj().contiguous(), grad)
+        return grad_a, grad_b
 
 
 def _conj_dft_matrix(size: int, taps: int, dilation: int, half: bool, dtype: torch.dtype,
