@@ -86,7 +86,7 @@ def bench_fft_conv(reps: int, quick: bool) -> None:
     if not quick:
         header += f"{'conv f+b':>11}{'fft f+b':>10}{'conv/fft':>10}"
     print(header)
-    faster = []
+    faster, faster_fb = [], []
     for k in kernels:
         w = torch.randn(O, C, k, k) / k
         wg = w.clone().requires_grad_(True)
@@ -97,13 +97,16 @@ def bench_fft_conv(reps: int, quick: bool) -> None:
             tb_conv = median_ms(forward_backward(lambda a, b: F.conv2d(a, b, padding=k // 2), xg, wg), reps)  # noqa: B023
             tb_fft = median_ms(forward_backward(lambda a, b: fft_conv(a, b, padding=k // 2), xg, wg), reps)  # noqa: B023
             line += f"{tb_conv:>11.1f}{tb_fft:>10.1f}{tb_conv / tb_fft:>10.2f}"
+            faster_fb.append((k, tb_fft < tb_conv))
         print(line)
-        faster.append(t_fft < t_conv)
-    crossover = next((k for i, k in enumerate(kernels) if all(faster[i:])), None)
-    if crossover is None:
-        print("crossover (forward): FFT not faster at the largest kernel measured")
-    else:
-        print(f"crossover (forward): FFT faster from kernel {crossover} on")
+        faster.append((k, t_fft < t_conv))
+    for what, results in (("forward", faster), ("forward + backward", faster_fb)):
+        if results:
+            ks, wins = zip(*results)
+            crossover = next((k for i, k in enumerate(ks) if all(wins[i:])), None)
+            verdict = (f"FFT faster from kernel {crossover} on" if crossover
+                       else "FFT not faster at the largest kernel")
+            print(f"crossover ({what}): {verdict}")
 
 
 def bench_dilated_avg_pool(reps: int, quick: bool) -> None:
