@@ -217,6 +217,7 @@ def run_ablation(cfg: AblateConfig, *, progress: bool | None = None) -> dict:
     log.info("ablation in %s: %d cells, %d networks (%d cells finished)", out, len(cells),
              len({m.out for _, ms in plans for m in ms}), done)
     bar = cell_bar(len(cells), done, "ablate", progress)
+    trained = 0
     try:
         for cell, members in plans:
             key = f"cell {cell_id(cell)}"
@@ -228,6 +229,7 @@ def run_ablation(cfg: AblateConfig, *, progress: bool | None = None) -> dict:
             result = evaluate_average(members, device)
             result["seconds"] = round(time.perf_counter() - t0, 3)
             store.record(key, {**result, "cell": cell})
+            trained += 1
             bar.update()
             log.info("%s: top-1 %.4f (single models %.4f +- %.4f, %d averaged)  (%.1fs)", cell_id(cell),
                      result["acc1"], result["single_acc1_mean"], result["single_acc1_std"], len(members),
@@ -236,7 +238,8 @@ def run_ablation(cfg: AblateConfig, *, progress: bool | None = None) -> dict:
         bar.close()
     rows = [store.cells[f"cell {cell_id(c)}"] for c in cells]
     md, csv_path, png = write_ablation_report(out, cfg.grid, rows)
-    return {"cells": rows, "out": str(out), "table_md": str(md), "table_csv": str(csv_path), "plot": str(png)}
+    return {"cells": rows, "trained": trained, "out": str(out), "table_md": str(md), "table_csv": str(csv_path),
+            "plot": str(png)}
 
 
 def _train_member(cfg: TrainConfig, store: ResultStore, device: torch.device) -> None:
@@ -314,3 +317,24 @@ def write_ablation_report(out: Path, grid: dict[str, list], rows: list[dict]):
     png = out / "ablation.png"
     save_figure(fig, png)
     return md, csv_path, png
+
+
+def apply_settings(base: TrainConfig, items: list[str]) -> TrainConfig:
+    """``["lr=0.02", "channels=8"]`` applied to a copy of ``base`` (training settings or model options)."""
+    cfg = copy.deepcopy(base)
+    pairs = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key or key == AVERAGE:
+            raise ConfigError(f"--set {item!r} must be KEY=VALUE with KEY a training setting or model option "
+                              "(average belongs in --grid)")
+        pairs.append((key, value))
+    for key, value in sorted(pairs, key=lambda kv: kv[0] != "model"):  # the model first: options depend on it
+        kind = key_kind(key, [cfg.model])
+        if kind == "train":
+            parsed = parse_value(value, train_fields()[key], key)
+            setattr(cfg, key, tuple(parsed) if key == "input_size" else parsed)
+        else:
+            cfg.model_options = {**cfg.model_options, key: parse_value(value, model_options(cfg.model)[key], key)}
+    return cfg

@@ -314,7 +314,7 @@ def run_retrieval(checkpoint, *, layer: str | None = None, metric: str = "euclid
                 scores = evaluate_retrieval(f(q), q_labels, f(db), db_labels, metric=metric, ks=ks)
                 scores.pop("ap")
                 result["rows"].append({"features": source, "normalisation": norm, **scores})
-                log.info("%s, %s features, %s: mAP %.4f (chance %.4f), %s", source, norm, metric, scores["map"],
+                log.debug("%s, %s features, %s: mAP %.4f (chance %.4f), %s", source, norm, metric, scores["map"],
                          scores["chance_map"],
                          ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if k.startswith("precision")))
     if out is not None:

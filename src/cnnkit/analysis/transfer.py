@@ -239,6 +239,7 @@ def run_transfer(cfg: TransferConfig, *, progress: bool | None = None) -> dict:
              out, ", ".join(tasks["A"].classes), ", ".join(tasks["B"].classes), layers, len(keys),
              sum(store.done(k) for k in keys))
     bases: dict[str, nn.Module] = {}
+    trained = 0
     bar = cell_bar(len(keys), sum(store.done(k) for k in keys), "transfer", progress)
     try:
         for key in keys:
@@ -263,14 +264,15 @@ def run_transfer(cfg: TransferConfig, *, progress: bool | None = None) -> dict:
                 result = train_network(model, tasks["B"].train, tasks["B"].val, cfg, seed=_cell_seed(cfg, key),
                                        mean=mean, device=device)
             store.record(key, result)
+            trained += 1
             bar.update()
             log.info("%-7s held-out top-1 on %s %.4f  (%.1fs)", key, "A" if key == "baseA" else "B", result["acc1"],
                      result["seconds"])
     finally:
         bar.close()
     md, csv_path, png = write_transfer_report(out, store.cells, layers, tasks["A"].classes, tasks["B"].classes)
-    return {"cells": store.cells, "layers": layers, "A": tasks["A"].classes, "B": tasks["B"].classes,
-            "out": str(out), "table_md": str(md), "table_csv": str(csv_path), "plot": str(png)}
+    return {"cells": store.cells, "layers": layers, "trained": trained, "A": tasks["A"].classes,
+            "B": tasks["B"].classes, "out": str(out), "table_md": str(md), "table_csv": str(csv_path), "plot": str(png)}
 
 
 def _save_base(path: Path, model: nn.Module, cfg: TransferConfig, task: _Task, mean, splits: Splits,

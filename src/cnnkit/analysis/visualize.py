@@ -115,7 +115,7 @@ def filter_grid(weight: torch.Tensor, *, scale: int | None = None) -> np.ndarray
 def plot_filters(model: nn.Module, path: str | Path) -> dict:
     name, conv = first_conv(model)
     save_png(path, filter_grid(conv.weight))
-    return {"layer": name, "filters": conv.out_channels, "kernel": list(conv.kernel_size),
+    return {"layer": name.rsplit(".", 1)[-1], "filters": conv.out_channels, "kernel": list(conv.kernel_size),
             "in_channels": conv.in_channels, "png": str(path)}
 
 
@@ -342,3 +342,97 @@ def tile_images(images: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     n, c, h, w = images.shape
     grid = images[: rows * cols].reshape(rows, cols, c, h, w).permute(2, 0, 3, 1, 4)  # (C, rows, H, cols, W)
     return grid.reshape(c, rows * h, cols * w)
+
+
+# --------------------------------------------------------------------------- all of it, for a checkpoint
+
+PARTS = ("filters", "maps", "rf", "dense")
+
+
+def default_map_layer(model: nn.Module) -> str:
+    """The last convolution whose maps are at least 3 x 3 at the native input size (else the first one)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    hooks = [m.register_forward_hook(lambda _m, _i, out, n=n: shapes.__setitem__(n, tuple(out.shape)))
+             for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    param = next(model.parameters())
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, *model.input_size, device=param.device, dtype=param.dtype))
+    finally:
+        for h in hooks:
+            h.remove()
+    if not shapes:
+        raise ConfigError("the model has no Conv2d layer; pass --layer NAME")
+    big = [n for n, s in shapes.items() if min(s[-2:]) >= 3]
+    return (big or list(shapes))[-1].rsplit(".", 1)[-1]
+
+
+def render_all(checkpoint, out, *, parts=PARTS, layer: str | None = None, image: Path | None = None,
+               index: int = 0, unit=None, dense_image: Path | None = None, dense_grid: int = 3,
+               dense_mean: str | None = None, data: str | None = None, device: str = "auto") -> dict:
+    """The pictures ``parts`` of a checkpoint in folder ``out``; returns {part: details}."""
+    from cnnkit.analysis.retrieval import check_layer, checkpoint_splits, load_images
+    from cnnkit.data import load_image
+    from cnnkit.train.checkpoint import load_checkpoint
+    from cnnkit.utils import ensure_writable_dir, resolve_device
+
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown or not parts:
+        raise ConfigError(f"unknown picture {unknown[0] if unknown else '(none)'!r}; choose from {', '.join(PARTS)}")
+    out = ensure_writable_dir(out)
+    ckpt = load_checkpoint(checkpoint)
+    model = ckpt.build_model().to(resolve_device(device)).eval()
+    mean = ckpt.mean_image
+    layer = check_layer(model, layer) if layer else default_map_layer(model)
+    splits = None
+    if image is None or ("dense" in parts and dense_image is None):
+        splits = checkpoint_splits(ckpt, data)
+    if image is not None:
+        picture = load_images([image], ckpt)[0]
+    else:
+        if not 0 <= index < len(splits.val):
+            raise ConfigError(f"--index {index} is outside the held-out split (0..{len(splits.val) - 1})")
+        picture = splits.val[index][0]
+    results = {}
+    if "filters" in parts:
+        results["filters"] = plot_filters(model, out / "filters.png")
+    if "maps" in parts:
+        results["maps"] = plot_feature_maps(model, picture, layer, out / "maps.png", mean=mean)
+    if "rf" in parts:
+        results["rf"] = plot_receptive_field(model, picture, layer, out / "rf.png", unit=unit, mean=mean)
+    if "dense" in parts:
+        if dense_image is not None:
+            from PIL import ImageOps
+
+            try:
+                with Image.open(dense_image) as im:
+                    w, h = ImageOps.exif_transpose(im).size
+            except OSError:
+                w, h = 1, 1  # load_image below reports the error
+            big = load_image(dense_image, channels=ckpt.meta.get("channels", 3), size=(h, w))
+            results["dense"] = plot_dense_prediction(model, big, ckpt.classes, out / "dense.png", mean=mean,
+                                                     mean_mode=dense_mean or "channel")
+        else:
+            if dense_grid < 2:
+                raise ConfigError(f"--dense-grid must be at least 2, got {dense_grid}")
+            n = min(dense_grid * dense_grid, len(splits.val))
+            side = math.isqrt(n)
+            tiles = torch.stack([splits.val[i][0] for i in range(side * side)])
+            truth = [ckpt.classes[splits.val[i][1]] for i in range(side * side)]
+            big = tile_images(tiles, side, side)
+            # score positions whose window is exactly one tile: every (input size / stride)-th
+            stride = _score_stride(model)
+            step = model.input_size[1] // stride
+            exact = model.input_size[1] % stride == 0 and model.input_size[1] == model.input_size[2]
+            marks = [(r * step, c * step) for r in range(side) for c in range(side)] if exact else None
+            rows = " / ".join(" ".join(truth[r * side:(r + 1) * side]) for r in range(side))
+            results["dense"] = plot_dense_prediction(
+                model, big, ckpt.classes, out / "dense.png", mean=mean, mean_mode=dense_mean or "tile", marks=marks,
+                title=f"dense argmax on {side}x{side} held-out images (true: {rows}); labels: windows on one image")
+    return results
+
+
+def _score_stride(model: nn.Module) -> int:
+    top0, _, _, _ = score_window(model, 0, 0)
+    top1, _, _, _ = score_window(model, 1, 1)
+    return top1 - top0
