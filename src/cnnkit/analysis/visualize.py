@@ -179,6 +179,9 @@ def receptive_field(model: nn.Module, layer: str, rows: tuple[int, int], cols: t
     for name, m in reversed(_modules_up_to(model, layer)):
         if isinstance(m, POINTWISE) or type(m).__name__ == "LocalResponseNorm":
             continue
+        if isinstance(m, (nn.Linear, nn.Flatten)):
+            raise UnsupportedLayerError(f"layer {layer!r} comes after the fully connected part ({name}): its units "
+                                        "see the whole input; choose a convolution or pooling layer")
         if not isinstance(m, SPATIAL):
             raise UnsupportedLayerError(
                 f"layer {name!r} ({type(m).__name__}) has no receptive-field rule; choose a layer before it "
@@ -234,7 +237,7 @@ def plot_receptive_field(model: nn.Module, image: torch.Tensor, layer: str, path
         ax.set(xlim=(-0.5, w - 0.5), ylim=(h - 0.5, -0.5))
         ax.axis("off")
     magnitude = grad.abs()
-    axes[1].imshow(magnitude / magnitude.max().clamp_min(1e-12), cmap="magma", alpha=0.7, interpolation="nearest")
+    axes[1].imshow((magnitude / magnitude.max().clamp_min(1e-12)).numpy(), cmap="magma", alpha=0.7, interpolation="nearest")
     size = (bottom - top + 1, right - left + 1)
     axes[0].set_title(f"{layer} unit (c={unit[0]}, y={unit[1]}, x={unit[2]}): receptive field {size[0]}x{size[1]}")
     axes[1].set_title("|d unit / d input| (inside the field only)")
