@@ -118,17 +118,19 @@ def test_filter_grid_layout_normalisation_and_colour():
     assert [grid_columns(n) for n in (16, 32, 96)] == [4, 8, 12]
 
 
-def test_dense_scores_equal_the_classifier_on_each_tile():
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-6), (torch.float64, 1e-12)])
+def test_dense_scores_equal_the_classifier_on_each_tile(dtype, atol):
     torch.manual_seed(0)
-    net = create("small_cnn").eval()
-    tiles = torch.rand(6, 1, 32, 32)
-    mean = torch.rand(1, 32, 32) * 0.1
+    net = create("small_cnn").to(dtype).eval()
+    tiles = torch.rand(6, 1, 32, 32, dtype=dtype)
+    mean = torch.rand(1, 32, 32, dtype=dtype) * 0.1
     scores = dense_scores(net, tile_images(tiles, 2, 3), mean=mean, mean_mode="tile")  # (10, 9, 17)
-    assert scores.shape == (10, 9, 17)  # (64-32)/4+1, (96-32)/4+1
+    assert scores.shape == (10, 9, 17) and scores.dtype == dtype  # (64-32)/4+1, (96-32)/4+1
     with torch.no_grad():
         expected = net(tiles - mean).softmax(1)
     got = scores[:, ::8, ::8].permute(1, 2, 0).reshape(6, 10)  # the windows that are exactly one tile
-    assert torch.allclose(got, expected, atol=1e-6)
+    assert torch.allclose(got, expected, atol=atol, rtol=0)
+    assert torch.get_default_dtype() == torch.float32
     with pytest.raises(ConfigError, match="smaller than the network's input"):
         dense_scores(net, torch.rand(1, 20, 40))
 

@@ -98,14 +98,14 @@ def compute_features(model: nn.Module, images, layer: str, *, mean: torch.Tensor
                      batch_size: int = 256, l2: bool = False) -> torch.Tensor:
     """(N, D) float32 features of ``layer`` (flattened) for a dataset or an (N, C, H, W) tensor."""
     model.eval()
-    device = next(model.parameters()).device
+    param = next(model.parameters())
     batches = images.split(batch_size) if torch.is_tensor(images) else (
         x for x, _ in DataLoader(images, batch_size=batch_size, shuffle=False))
     chunks = []
     for x in batches:
-        x = x.to(device)
+        x = x.to(param.device, param.dtype)
         if mean is not None:
-            x = x - mean.to(device)  # the mean image the network was trained with
+            x = x - mean.to(param.device, param.dtype)  # the mean image the network was trained with
         chunks.append(extract_features(model, x, [layer])[layer].flatten(1).float().cpu())  # (B, D)
     if not chunks:
         raise DataError("no images to compute features for")

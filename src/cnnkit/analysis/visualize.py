@@ -142,10 +142,10 @@ def plot_feature_maps(model: nn.Module, image: torch.Tensor, layer: str, path: s
 
 
 def _forward_to(model: nn.Module, image: torch.Tensor, layer: str, mean: torch.Tensor | None) -> torch.Tensor:
-    device = next(model.parameters()).device
-    x = image[None].to(device)
+    param = next(model.parameters())
+    x = image[None].to(param.device, param.dtype)
     if mean is not None:
-        x = x - mean.to(device)
+        x = x - mean.to(param.device, param.dtype)
     model.eval()
     with torch.no_grad():
         return extract_features(model, x, [layer])[layer].float().cpu()
@@ -198,10 +198,10 @@ def receptive_field(model: nn.Module, layer: str, rows: tuple[int, int], cols: t
 def input_gradient(model: nn.Module, image: torch.Tensor, layer: str, unit: tuple[int, int, int], *,
                    mean: torch.Tensor | None = None) -> torch.Tensor:
     """d(unit)/d(input) as an (H, W) map (summed over channels) for one image; ``unit`` = (c, y, x)."""
-    device = next(model.parameters()).device
-    x = image[None].to(device).clone().requires_grad_(True)
+    param = next(model.parameters())
+    x = image[None].to(param.device, param.dtype).clone().requires_grad_(True)
     model.eval()
-    inp = x - mean.to(device) if mean is not None else x
+    inp = x - mean.to(param.device, param.dtype) if mean is not None else x
     out = extract_features(model, inp, [layer])[layer]  # (1, C, h, w)
     c, y, xx = unit
     if out.dim() != 4 or not (0 <= c < out.shape[1] and 0 <= y < out.shape[2] and 0 <= xx < out.shape[3]):
@@ -275,16 +275,21 @@ def dense_scores(model: nn.Module, image: torch.Tensor, *, mean: torch.Tensor | 
     """(K, h, w) class posteriors of the fully convolutional form of ``model`` on a (C, H, W) image."""
     if not hasattr(model, "to_fully_convolutional"):
         raise ConfigError(f"{type(model).__name__} has no fully convolutional form; use a zoo classifier")
-    fcn = model.to_fully_convolutional().eval()
-    device = next(fcn.parameters()).device
-    x = image[None].to(device)
+    param = next(model.parameters())
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(param.dtype)  # base._feature_shape probes with a default-dtype tensor
+    try:
+        fcn = model.to_fully_convolutional().eval()
+    finally:
+        torch.set_default_dtype(before)
+    x = image[None].to(param.device, param.dtype)
     if mean is not None:
-        x = x - dense_mean(mean, tuple(x.shape[-2:]), mean_mode).to(device)
+        x = x - dense_mean(mean, tuple(x.shape[-2:]), mean_mode).to(param.device, param.dtype)
     if x.shape[-2] < model.input_size[1] or x.shape[-1] < model.input_size[2]:
         raise ConfigError(f"image {tuple(x.shape[-2:])} is smaller than the network's input "
                           f"{tuple(model.input_size[1:])}; pass a larger image")
     with torch.no_grad():
-        return fcn(x)[0].softmax(0).float().cpu()  # (K, h, w)
+        return fcn(x)[0].softmax(0).cpu()  # (K, h, w)
 
 
 def score_window(model: nn.Module, i: int, j: int) -> tuple[int, int, int, int]:
