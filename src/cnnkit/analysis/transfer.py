@@ -209,8 +209,12 @@ class _Task:
 
 
 def _cell_seed(cfg: TransferConfig, key: str) -> int:
-    order = ["baseA", "baseB"] + [f"{k}/{n}" for n in range(1, 100) for k in KINDS]
-    return cfg.seed * 1000 + order.index(key)
+    """baseA and baseB get their own seeds; the four networks at layer n share one (a paired design):
+    the same fresh weights above layer n and the same batch order, so that their differences come from
+    the copied layers and from freezing alone."""
+    if key.startswith("base"):
+        return cfg.seed * 1000 + (0 if key == "baseA" else 1)
+    return cfg.seed * 1000 + 1 + int(key.split("/")[1])
 
 
 def run_transfer(cfg: TransferConfig, *, progress: bool | None = None) -> dict:
@@ -272,7 +276,8 @@ def run_transfer(cfg: TransferConfig, *, progress: bool | None = None) -> dict:
         bar.close()
     md, csv_path, png = write_transfer_report(out, store.cells, layers, tasks["A"].classes, tasks["B"].classes)
     return {"cells": store.cells, "layers": layers, "trained": trained, "A": tasks["A"].classes,
-            "B": tasks["B"].classes, "out": str(out), "table_md": str(md), "table_csv": str(csv_path), "plot": str(png)}
+            "B": tasks["B"].classes, "out": str(out), "table_md": str(md), "table_csv": str(csv_path),
+            "plot": str(png)}
 
 
 def _save_base(path: Path, model: nn.Module, cfg: TransferConfig, task: _Task, mean, splits: Splits,
