@@ -59,3 +59,20 @@ def test_lrn_matches_direct_formula(convention, scale):
         s = (x[:, lo:hi + 1] ** 2).sum(1)
         ref[:, c] = x[:, c] / (k + alpha * scale * s) ** beta
     assert torch.allclose(y, ref, atol=1e-12)
+
+
+def test_fully_convolutional_in_float64():
+    net = create("lenet5").double().eval()
+    x = torch.randn(2, 1, 32, 32, dtype=torch.float64)
+    assert torch.allclose(net.to_fully_convolutional()(x).flatten(1), net(x), atol=1e-12)
+
+
+def test_atomic_files_get_the_usual_permissions(tmp_path):
+    import os
+
+    from cnnkit.utils import write_text_atomic
+
+    write_text_atomic(tmp_path / "a.txt", "x")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o666 & ~mask

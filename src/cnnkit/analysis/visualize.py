@@ -276,12 +276,7 @@ def dense_scores(model: nn.Module, image: torch.Tensor, *, mean: torch.Tensor | 
     if not hasattr(model, "to_fully_convolutional"):
         raise ConfigError(f"{type(model).__name__} has no fully convolutional form; use a zoo classifier")
     param = next(model.parameters())
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(param.dtype)  # base._feature_shape probes with a default-dtype tensor
-    try:
-        fcn = model.to_fully_convolutional().eval()
-    finally:
-        torch.set_default_dtype(before)
+    fcn = model.to_fully_convolutional().eval()
     x = image[None].to(param.device, param.dtype)
     if mean is not None:
         x = x - dense_mean(mean, tuple(x.shape[-2:]), mean_mode).to(param.device, param.dtype)

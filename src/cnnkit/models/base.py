@@ -128,9 +128,11 @@ def _named_sequential(layers: Iterable[tuple[str, nn.Module]]) -> nn.Sequential:
 
 
 def _feature_shape(model: ClassifierNet, input_size: tuple[int, int, int]) -> tuple[int, ...]:
+    param = next(model.parameters(), None)
+    dtype = param.dtype if param is not None else torch.get_default_dtype()
     meta = copy.deepcopy(model.features).to("meta")
     with torch.no_grad():
-        out = meta(torch.zeros(1, *input_size, device="meta"))
+        out = meta(torch.zeros(1, *input_size, device="meta", dtype=dtype))
     return tuple(out.shape[1:])
 
 
