@@ -116,6 +116,8 @@ def fully_convolutional(model: ClassifierNet, input_size: tuple[int, int, int]) 
             shape = (m.out_features, 1, 1)
         else:
             layers.append((name, m))
+            # a head may pool before its FC layer (GoogLeNet's avg pool 7x7/1): follow the shape
+            shape = _module_out_shape(m, shape)
     model.classifier = _named_sequential(layers)
     return model
 
@@ -131,6 +133,13 @@ def _feature_shape(model: ClassifierNet, input_size: tuple[int, int, int]) -> tu
     meta = copy.deepcopy(model.features).to("meta")
     with torch.no_grad():
         out = meta(torch.zeros(1, *input_size, device="meta"))
+    return tuple(out.shape[1:])
+
+
+def _module_out_shape(module: nn.Module, in_shape: tuple[int, ...]) -> tuple[int, ...]:
+    meta = copy.deepcopy(module).to("meta")
+    with torch.no_grad():
+        out = meta(torch.zeros(1, *in_shape, device="meta"))
     return tuple(out.shape[1:])
 
 
