@@ -42,6 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE",
                    help="builder option, e.g. -o groups=1 for the ungrouped AlexNet (repeatable)")
     p.add_argument("--format", choices=FORMATS, default="table")
+    p.add_argument("--fully-convolutional", action="store_true",
+                   help="summarise the FC->conv version (runs on larger inputs and gives a score map)")
     p.add_argument("--all-layers", action="store_true", help="also list activations and reshapes")
     p.add_argument("--out", metavar="FILE", help="write to FILE (atomically) instead of printing")
     p.set_defaults(func=run_summary)
@@ -143,10 +145,18 @@ def run_summary(args: argparse.Namespace) -> int:
     with torch.device("meta"):  # parameters without storage: instant even for VGG-E
         model = create(args.model, **opts)
     size = parse_input(args.input, getattr(model, "input_size", info.input_size))
+    if args.fully_convolutional:
+        model = model.to_fully_convolutional()
     collapse, refs = paper_view(args.model)
-    if size != tuple(info.input_size) or opts:
+    if size != tuple(info.input_size) or opts or args.fully_convolutional:
         refs = []  # the printed numbers are for the paper's network and input only
-    s = summary(model, size, collapse=collapse, references=refs)
+    try:
+        s = summary(model, size, collapse=collapse, references=refs)
+    except ConfigError as exc:
+        if args.fully_convolutional or size == tuple(info.input_size):
+            raise
+        raise ConfigError(f"{exc}; its FC layers need the paper's input size "
+                          f"{'x'.join(map(str, info.input_size))}: add --fully-convolutional") from None
     text = {"table": lambda: s.to_table(compact=not args.all_layers), "csv": s.to_csv, "json": s.to_json}
     out = text[args.format]()
     if args.format == "table":

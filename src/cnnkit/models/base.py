@@ -90,8 +90,10 @@ def linear_to_conv(linear: nn.Linear, in_shape: tuple[int, ...], dilation: int =
             f"Linear({linear.in_features}, {linear.out_features}) cannot read a {c}x{h}x{w} map "
             f"({c * h * w} values)"
         )
-    conv = nn.Conv2d(c, linear.out_features, (h, w), dilation=dilation, bias=linear.bias is not None)
-    conv.to(device=linear.weight.device, dtype=linear.weight.dtype)
+    # built on meta and given storage afterwards: its random init would be overwritten anyway
+    conv = nn.Conv2d(c, linear.out_features, (h, w), dilation=dilation, bias=linear.bias is not None,
+                     device="meta", dtype=linear.weight.dtype)
+    conv.to_empty(device=linear.weight.device)
     with torch.no_grad():
         conv.weight.copy_(linear.weight.reshape(linear.out_features, c, h, w))
         if linear.bias is not None:
