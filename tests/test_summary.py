@@ -66,7 +66,17 @@ class Branches(nn.Module):
         return self.out(torch.relu(torch.cat([self.a(x), self.b(x)], 1)))  # (B, 4, H, W) -> (B, 2, H', W')
 
 
-@pytest.mark.parametrize("make", [chain, Branches], ids=["chain", "branches"])
+class Buffer(Branches):
+    """The same branches written into a preallocated tensor instead of torch.cat."""
+
+    def forward(self, x):
+        out = x.new_zeros(x.shape[0], 4, *x.shape[2:])  # (B, 4, H, W)
+        out[:, :2] = self.a(x)
+        out[:, 2:] = self.b(x)
+        return self.out(torch.relu(out))
+
+
+@pytest.mark.parametrize("make", [chain, Branches, Buffer], ids=["chain", "branches", "buffer"])
 def test_receptive_field_and_stride_match_autograd_support(make):
     torch.manual_seed(0)
     net = positive(make()).eval()

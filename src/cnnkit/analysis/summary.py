@@ -40,7 +40,6 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten
 
 from cnnkit.errors import ConfigError
 
@@ -253,6 +252,9 @@ class _Tracker(TorchFunctionMode):
         out = func(*args, **(kwargs or {}))
         ins = [g for g in map(self.get, _tensors((args, kwargs))) if g is not None]
         if ins:
+            name = getattr(func, "__name__", "")
+            if (name == "__setitem__" or name.endswith("_")) and args and isinstance(args[0], torch.Tensor):
+                self.set(args[0], _merge(ins, args[0]))  # written in place: a buffer filled from branches
             for t in _tensors(out):
                 if id(t) not in self.geo:
                     self.set(t, _merge(ins, t))
@@ -260,7 +262,14 @@ class _Tracker(TorchFunctionMode):
 
 
 def _tensors(tree) -> list[torch.Tensor]:
-    return [x for x in tree_flatten(tree)[0] if isinstance(x, torch.Tensor)]
+    """The tensors in nested tuples, lists and dicts (a module's inputs, outputs or an op's args)."""
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    if isinstance(tree, dict):
+        tree = list(tree.values())
+    if isinstance(tree, (tuple, list)):
+        return [t for item in tree for t in _tensors(item)]
+    return []
 
 
 def _merge(ins: list[_Geo], t: torch.Tensor) -> _Geo:
@@ -314,10 +323,8 @@ def _first_tensor(v):
     return ts[0] if ts else None
 
 
-_warned: set[str] = set()
-
-
-def _macs(m: nn.Module, x, y) -> int:
+def _macs(m: nn.Module, x, y) -> int | None:
+    """Multiply-accumulates per image; None for a weighted layer without a known rule."""
     if hasattr(m, "count_macs"):
         return int(m.count_macs(x, y))
     if not isinstance(y, torch.Tensor):
@@ -329,11 +336,7 @@ def _macs(m: nn.Module, x, y) -> int:
         return (x.numel() // x.shape[0]) * (m.out_channels // m.groups) * math.prod(m.kernel_size)
     if isinstance(m, nn.Linear):
         return per_image * m.in_features
-    if any(True for _ in m.parameters(recurse=False)) and type(m).__name__ not in _warned:
-        _warned.add(type(m).__name__)
-        log.warning("summary: no MAC rule for %s (counted as 0); define count_macs(input, output)",
-                    type(m).__name__)
-    return 0
+    return None if next(m.parameters(recurse=False), None) is not None else 0
 
 
 def _kernel(m: nn.Module) -> str:
@@ -378,11 +381,18 @@ def summary(model: nn.Module, input_size: Sequence[int], *, collapse: Iterable[t
     pending: dict[str, int] = {}  # MACs of the leaves run so far inside each collapsed module
     inner: dict[str, list[tuple[str, str]]] = {}  # (type, kernel) of the weighted leaves inside
     calls: dict[str, int] = {}
+    unknown: set[str] = set()
 
     def on_forward(name: str, m: nn.Module, inputs, output) -> None:
         x, y = _first_tensor(inputs), _first_tensor(output)
         leaf = _is_leaf(m)
         macs = _macs(m, x, y) if leaf else pending.pop(name, 0)
+        if macs is None:
+            macs = 0
+            if type(m).__name__ not in unknown:
+                unknown.add(type(m).__name__)
+                log.warning("summary: no MAC rule for %s (counted as 0); give it a method "
+                            "count_macs(input, output)", type(m).__name__)
         if leaf and y is not None:
             g = _geometry(m, tracker.get(x), x, y)
             if g is not None:
@@ -462,13 +472,15 @@ def _matches(full: str, key: str) -> bool:
 
 
 def _short_names(names: list[str]) -> dict[str, str]:
-    """Shortest dotted suffix of each name that no other name ends with."""
+    """Shortest dotted suffix of each name that no other name ends with (and not a bare index:
+    ``b.0`` rather than ``0`` for the first layer of a Sequential ``b``)."""
     out = {}
     for n in names:
         parts = n.split(".")
         for i in range(len(parts) - 1, -1, -1):
             cand = ".".join(parts[i:])
-            if sum(1 for o in names if _matches(o, cand)) == 1:
+            bare_index = i > 0 and parts[i].split("#")[0].isdigit()
+            if not bare_index and sum(_matches(o, cand) for o in names) == 1:
                 out[n] = cand
                 break
         else:
