@@ -32,11 +32,11 @@ PAPER = ("Chatfield, Simonyan, Vedaldi, Zisserman. Return of the devil in the de
 
 x2, x3, s2 = (3, 2), (3, 3), (2, 2)  # the table's "x2 pool" / "x3 pool"; CNN-S pool2 is 2x2/2
 
-# Arch.   conv1                                conv2                                conv3              conv4              conv5                          full6 full7  # noqa: E501
+#              conv1                                  conv2                                  conv3               conv4               conv5                        full6 full7  # noqa: E501
 ARCHS = {
     "cnn_f": ([Conv(64, 11, 4, 0, lrn=True, pool=x2), Conv(256, 5, 1, 2, lrn=True, pool=x2), Conv(256, 3, 1, 1), Conv(256, 3, 1, 1), Conv(256, 3, 1, 1, pool=x2)], 4096, 4096),  # noqa: E501
-    "cnn_m": ([Conv(96, 7, 2, 0, lrn=True, pool=x2), Conv(256, 5, 2, 1, lrn=True, pool=x2), Conv(512, 3, 1, 1), Conv(512, 3, 1, 1), Conv(512, 3, 1, 1, pool=x2)], 4096, 4096),  # noqa: E501
-    "cnn_s": ([Conv(96, 7, 2, 0, lrn=True, pool=x3), Conv(256, 5, 1, 1, pool=s2),            Conv(512, 3, 1, 1), Conv(512, 3, 1, 1), Conv(512, 3, 1, 1, pool=x3)], 4096, 4096),  # noqa: E501
+    "cnn_m": ([Conv(96, 7, 2, 0, lrn=True, pool=x2),  Conv(256, 5, 2, 1, lrn=True, pool=x2), Conv(512, 3, 1, 1), Conv(512, 3, 1, 1), Conv(512, 3, 1, 1, pool=x2)], 4096, 4096),  # noqa: E501
+    "cnn_s": ([Conv(96, 7, 2, 0, lrn=True, pool=x3),  Conv(256, 5, 1, 1, pool=s2),           Conv(512, 3, 1, 1), Conv(512, 3, 1, 1), Conv(512, 3, 1, 1, pool=x3)], 4096, 4096),  # noqa: E501
 }
 # Section 4.3 of the paper: CNN-M with a narrower full7 (the feature used for retrieval/transfer).
 for _width in (2048, 1024, 128):
