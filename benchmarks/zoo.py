@@ -2,10 +2,10 @@
 
 For each model, images/s of forward (eval, no grad) and forward+backward (train mode), for cnnkit's
 model and for the same network written here as a plain ``nn.Sequential`` (no cnnkit), with the
-same weights (outputs are checked equal first). Both are timed in alternation in one run and the
-medians compared: ratio = cnnkit / plain (target >= 1.0). Variants: float32, float32 channels_last,
-bfloat16 (weights and inputs). The forward GFLOP/s is put next to the machine's matmul rate
-measured in the same run.
+same weights (outputs are checked equal first). Both are timed back to back in each repetition
+and the ratio is the median of the per-repetition ratios cnnkit / plain (target >= 1.0).
+Variants: float32, float32 channels_last, bfloat16 (weights and inputs). The forward GFLOP/s is
+put next to the machine's matmul rate measured in the same run.
 
     python benchmarks/zoo.py --quick
     python benchmarks/zoo.py --models alexnet,vgg_d --batch 4 --reps 5
@@ -207,8 +207,12 @@ def timed(fn, device: torch.device | None = None) -> float:
     return time.perf_counter() - t
 
 
-def measure(models: dict[str, nn.Module], x: torch.Tensor, reps: int, train: bool) -> dict[str, float]:
-    """Median images/s of each model, timed in alternation (order flipped every repetition)."""
+def measure(models: dict[str, nn.Module], x: torch.Tensor, reps: int, train: bool,
+            min_time: float = 0.05) -> tuple[dict[str, float], float]:
+    """Images/s of each model (median over ``reps``) and the median of the per-repetition ratios
+    ours / plain. The two are timed back to back in every repetition (order flipped each time), so
+    that load from other processes hits both alike; a repetition runs enough steps to last
+    ``min_time`` seconds."""
 
     def step(m):
         if train:
@@ -220,13 +224,20 @@ def measure(models: dict[str, nn.Module], x: torch.Tensor, reps: int, train: boo
 
     for m in models.values():
         m.train(train)
-        step(m)  # warm-up
+    warm = max(timed(lambda m=m: step(m), x.device) for m in models.values())
+    n = max(1, math.ceil(min_time / max(warm, 1e-6)))
+
+    def run(m):
+        for _ in range(n):
+            step(m)
+
     times = {k: [] for k in models}
     keys = list(models)
     for r in range(reps):
         for k in keys if r % 2 == 0 else keys[::-1]:
-            times[k].append(timed(lambda m=models[k]: step(m), x.device))
-    return {k: x.shape[0] / statistics.median(v) for k, v in times.items()}
+            times[k].append(timed(lambda m=models[k]: run(m), x.device) / n)
+    rate = {k: x.shape[0] / statistics.median(v) for k, v in times.items()}
+    return rate, statistics.median(p / o for p, o in zip(times["plain"], times["ours"]))
 
 
 def matmul_gflops(dtype: torch.dtype, n: int = 1024, reps: int = 5) -> float:
@@ -238,15 +249,16 @@ def matmul_gflops(dtype: torch.dtype, n: int = 1024, reps: int = 5) -> float:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", help="comma-separated names or patterns (default: all; --quick: a few)")
-    p.add_argument("--quick", action="store_true", help="small models, batch 2, 2 repetitions")
+    p.add_argument("--quick", action="store_true", help="small models, batch 2, 3 repetitions")
     p.add_argument("--batch", type=int, help="images per step (default 4; 2 with --quick)")
-    p.add_argument("--reps", type=int, help="timed repetitions per measurement (default 3; 2 with --quick)")
+    p.add_argument("--reps", type=int, help="timed repetitions per measurement (default 5; 3 with --quick)")
     p.add_argument("--variants", default="fp32,channels_last,bf16", help="subset of fp32,channels_last,bf16")
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     args = p.parse_args(argv)
     batch = args.batch or (2 if args.quick else 4)
-    reps = args.reps or (2 if args.quick else 3)
+    reps = args.reps or (3 if args.quick else 5)
     if args.models:
         names = [n for pat in args.models.split(",") for n in list_models(pat.strip())]
     else:
@@ -257,6 +269,8 @@ def main(argv=None) -> int:
         return 2
     variants = args.variants.split(",")
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"torch {torch.__version__} on {device} ({torch.get_num_threads()} CPU threads), batch {batch}, "
           f"median of {reps}; matmul 1024^3 on CPU: fp32 {matmul_gflops(torch.float32):.0f} GFLOP/s, "
@@ -279,15 +293,14 @@ def main(argv=None) -> int:
             models = {k: m.to(dtype=dtype, memory_format=fmt) for k, m in (("ours", ours), ("plain", plain))}
             xv = x.to(dtype=dtype).contiguous(memory_format=fmt)
             try:
-                fwd = measure(models, xv, reps, train=False)
-                bwd = measure(models, xv, reps, train=True)
+                fwd, r_f = measure(models, xv, reps, train=False)
+                bwd, r_b = measure(models, xv, reps, train=True)
             except (NotImplementedError, RuntimeError) as exc:  # e.g. CPU LRN in bfloat16
                 print(f"{name:18} {variant:13} | n/a: {str(exc).splitlines()[0][:80]}", flush=True)
                 continue
             finally:
                 for m in (ours, plain):
                     m.to(dtype=torch.float32, memory_format=torch.contiguous_format)
-            r_f, r_b = fwd["ours"] / fwd["plain"], bwd["ours"] / bwd["plain"]
             ratios[variant] += [r_f, r_b]
             print(f"{name:18} {variant:13} | {fwd['ours']:21.1f} {fwd['plain']:8.1f} {r_f:6.2f} "
                   f"{fwd['ours'] * flops / 1e9:8.1f} | {bwd['ours']:21.1f} {bwd['plain']:8.1f} {r_b:6.2f}",

@@ -132,13 +132,11 @@ def _named_sequential(layers: Iterable[tuple[str, nn.Module]]) -> nn.Sequential:
 
 
 def _feature_shape(model: ClassifierNet, input_size: tuple[int, int, int]) -> tuple[int, ...]:
-    meta = copy.deepcopy(model.features).to("meta")
-    with torch.no_grad():
-        out = meta(torch.zeros(1, *input_size, device="meta"))
-    return tuple(out.shape[1:])
+    return _module_out_shape(model.features, input_size)
 
 
 def _module_out_shape(module: nn.Module, in_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Output shape (without batch) of ``module`` for one input of ``in_shape``, computed on meta."""
     meta = copy.deepcopy(module).to("meta")
     with torch.no_grad():
         out = meta(torch.zeros(1, *in_shape, device="meta"))
