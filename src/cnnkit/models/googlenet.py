@@ -23,6 +23,8 @@ computed ones. Several rows do not add up; see ``tests/test_zoo.py`` for the lis
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
 
@@ -114,7 +116,7 @@ class GoogLeNet(ClassifierNet):
     def __init__(self, num_classes: int = 1000, in_chans: int = 3, dropout: float = 0.4,
                  aux_logits: bool = False, lrn_convention: str = "caffe"):
         lrn = lrn_factory(lrn_convention, 5, 1e-4, 0.75, 1.0)
-        pool = lambda: nn.MaxPool2d(3, 2, ceil_mode=True)  # noqa: E731
+        pool = partial(nn.MaxPool2d, 3, 2, ceil_mode=True)
         features = _seq(
             ("conv1", nn.Conv2d(in_chans, 64, 7, 2, 3)), ("relu1", nn.ReLU()),  # (B, 64, 112, 112)
             ("pool1", pool()), ("norm1", lrn()),                                 # (B, 64, 56, 56)
