@@ -157,8 +157,9 @@ def extract_features(model: nn.Module, x: torch.Tensor, names: Iterable[str]) ->
         full = name if name in modules else short.get(name)
         if full is None:
             raise ConfigError(f"model has no layer named {name!r}; layers: {', '.join(short)}")
+        # a copy: the zoo's ReLUs work in place and would otherwise turn a kept fc7 into relu7's output
         handles.append(modules[full].register_forward_hook(
-            lambda _m, _i, out, key=name: outputs.__setitem__(key, out)))
+            lambda _m, _i, out, key=name: outputs.__setitem__(key, out.clone())))
     try:
         model(x)
     finally:

@@ -59,6 +59,8 @@ def conv_stack(table: Sequence[Conv], in_chans: int = 3, *, pooling: str = "floo
 
     ``lrn_order="pool_norm"`` swaps LRN and pooling (CaffeNet's order; the AlexNet paper normalises
     first). ``pooling="ceil"`` is Caffe's output-size rule: ceil((n - k) / s) + 1 instead of floor.
+    ReLUs work in place, as in the reference implementations (less memory, a few % faster on CPU);
+    ``extract_features`` copies the outputs it keeps, so ``conv5`` is still the pre-ReLU map.
     """
     if pooling not in POOL_MODES:
         raise ConfigError(f"pooling must be one of {POOL_MODES}, got {pooling!r}")
@@ -70,7 +72,7 @@ def conv_stack(table: Sequence[Conv], in_chans: int = 3, *, pooling: str = "floo
     for i, spec in enumerate(table, start=first):
         conv = nn.Conv2d(c, spec.out, spec.kernel, spec.stride, spec.pad, groups=spec.groups)
         seq.add_module(f"conv{i}", conv)
-        seq.add_module(f"relu{i}", nn.ReLU())
+        seq.add_module(f"relu{i}", nn.ReLU(inplace=True))
         after = []
         if spec.lrn:
             after.append((f"norm{i}", lrn()))
@@ -106,7 +108,7 @@ def fc_head(in_features: int, widths: Sequence[int], num_classes: int, dropout: 
     n = in_features
     for i, width in enumerate(widths, start=first):
         seq.add_module(f"fc{i}", nn.Linear(n, width))
-        seq.add_module(f"relu{i}", nn.ReLU())
+        seq.add_module(f"relu{i}", nn.ReLU(inplace=True))
         if dropout > 0:
             seq.add_module(f"drop{i}", nn.Dropout(dropout))
         n = width

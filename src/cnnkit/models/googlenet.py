@@ -61,8 +61,12 @@ TABLE1 = {
 LRN_CAFFE = "LRN caffe n=5 alpha=1e-4 beta=0.75 k=1"
 
 
+def _relu() -> nn.ReLU:
+    return nn.ReLU(inplace=True)  # in place, as the Caffe model; extract_features copies outputs
+
+
 def _conv_relu(c_in: int, c_out: int, k: int, stride: int = 1, pad: int = 0) -> list[tuple[str, nn.Module]]:
-    return [("conv", nn.Conv2d(c_in, c_out, k, stride, pad)), ("relu", nn.ReLU())]
+    return [("conv", nn.Conv2d(c_in, c_out, k, stride, pad)), ("relu", _relu())]
 
 
 def _seq(*named: tuple[str, nn.Module]) -> nn.Sequential:
@@ -79,9 +83,9 @@ class Inception(nn.Module):
                  pool_proj: int):
         super().__init__()
         self.b1x1 = _seq(*_conv_relu(c_in, n1x1, 1))
-        self.b3x3 = _seq(("reduce", nn.Conv2d(c_in, n3x3red, 1)), ("relu_reduce", nn.ReLU()),
+        self.b3x3 = _seq(("reduce", nn.Conv2d(c_in, n3x3red, 1)), ("relu_reduce", _relu()),
                          *_conv_relu(n3x3red, n3x3, 3, pad=1))
-        self.b5x5 = _seq(("reduce", nn.Conv2d(c_in, n5x5red, 1)), ("relu_reduce", nn.ReLU()),
+        self.b5x5 = _seq(("reduce", nn.Conv2d(c_in, n5x5red, 1)), ("relu_reduce", _relu()),
                          *_conv_relu(n5x5red, n5x5, 5, pad=2))
         self.pool_proj = _seq(("pool", nn.MaxPool2d(3, 1, 1, ceil_mode=True)),
                               *_conv_relu(c_in, pool_proj, 1))
@@ -100,7 +104,7 @@ class AuxHead(nn.Module):
         self.layers = _seq(
             ("pool", nn.AvgPool2d(5, 3, ceil_mode=True)),  # (B, C, 14, 14) -> (B, C, 4, 4)
             *_conv_relu(c_in, 128, 1), ("flatten", nn.Flatten()),
-            ("fc", nn.Linear(128 * 4 * 4, 1024)), ("relu_fc", nn.ReLU()), ("drop", nn.Dropout(0.7)),
+            ("fc", nn.Linear(128 * 4 * 4, 1024)), ("relu_fc", _relu()), ("drop", nn.Dropout(0.7)),
             ("classifier", nn.Linear(1024, num_classes)),
         )
 
@@ -118,9 +122,9 @@ class GoogLeNet(ClassifierNet):
         lrn = lrn_factory(lrn_convention, 5, 1e-4, 0.75, 1.0)
         pool = partial(nn.MaxPool2d, 3, 2, ceil_mode=True)
         features = _seq(
-            ("conv1", nn.Conv2d(in_chans, 64, 7, 2, 3)), ("relu1", nn.ReLU()),  # (B, 64, 112, 112)
+            ("conv1", nn.Conv2d(in_chans, 64, 7, 2, 3)), ("relu1", _relu()),  # (B, 64, 112, 112)
             ("pool1", pool()), ("norm1", lrn()),                                 # (B, 64, 56, 56)
-            ("conv2", _seq(("reduce", nn.Conv2d(64, 64, 1)), ("relu_reduce", nn.ReLU()),
+            ("conv2", _seq(("reduce", nn.Conv2d(64, 64, 1)), ("relu_reduce", _relu()),
                            *_conv_relu(64, 192, 3, pad=1))),                    # (B, 192, 56, 56)
             ("norm2", lrn()), ("pool2", pool()),                                 # (B, 192, 28, 28)
         )

@@ -46,13 +46,13 @@ def nin(num_classes: int = 1000, in_chans: int = 3, dropout: float = 0.5,
     c, cccp = in_chans, 1
     for block, ((out, k, s, p), widths) in enumerate(BLOCKS, start=1):
         features.add_module(f"conv{block}", nn.Conv2d(c, out, k, s, p))
-        features.add_module(f"relu{block}", nn.ReLU())
+        features.add_module(f"relu{block}", nn.ReLU(inplace=True))
         c = out
         for j, width in enumerate(widths, start=1):
             if width is None:
                 continue
             features.add_module(f"cccp{cccp}", nn.Conv2d(c, width, 1))
-            features.add_module(f"relu{block}_{j}", nn.ReLU())
+            features.add_module(f"relu{block}_{j}", nn.ReLU(inplace=True))
             c, cccp = width, cccp + 1
         if block < len(BLOCKS):
             features.add_module(f"pool{block}", nn.MaxPool2d(3, 2, ceil_mode=True))
@@ -61,7 +61,7 @@ def nin(num_classes: int = 1000, in_chans: int = 3, dropout: float = 0.5,
     classifier = nn.Sequential()
     classifier.add_module(f"cccp{cccp}", nn.Conv2d(c, num_classes, 1))  # cccp8: one map per class
     if final_relu:
-        classifier.add_module(f"relu{len(BLOCKS)}_2", nn.ReLU())
+        classifier.add_module(f"relu{len(BLOCKS)}_2", nn.ReLU(inplace=True))
     classifier.add_module(f"pool{len(BLOCKS)}", nn.AvgPool2d(6, 1))  # (B, K, 6, 6) -> (B, K, 1, 1)
     classifier.add_module("flatten", nn.Flatten())
     return ClassifierNet(features, classifier, (in_chans, 224, 224))

@@ -50,7 +50,7 @@ def make_layers(cfg: list, in_chans: int = 3, lrn_convention: str = "paper") -> 
         else:
             out, k = v if isinstance(v, tuple) else (v, 3)
             seq.add_module(f"conv{block}_{i}", nn.Conv2d(c, out, k, padding=k // 2))
-            seq.add_module(f"relu{block}_{i}", nn.ReLU())
+            seq.add_module(f"relu{block}_{i}", nn.ReLU(inplace=True))
             i, c = i + 1, out
     return seq
 
