@@ -202,6 +202,9 @@ def test_cli_models_lists_the_registry(capsys):
     assert "Krizhevsky et al. 2012" in out and "60,965,224" in out and "ceil" in out
     assert main(["models", "vgg_*", "--format", "json"]) == 0
     assert [r["name"] for r in json.loads(capsys.readouterr().out)] == list_models("vgg_*")
+    assert main(["models", "cnn_*", "--format", "csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [r["name"] for r in rows] == list_models("cnn_*") and rows[0]["params"] == "60834536"
     assert main(["models", "resnet*"]) == 2
     assert capsys.readouterr().err.startswith("error: no model matches 'resnet*'")
 

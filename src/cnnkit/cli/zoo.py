@@ -7,6 +7,7 @@ inception module, as the paper); for AlexNet the lecture's neuron counts beside 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import re
 import sys
@@ -73,11 +74,9 @@ def run_models(args: argparse.Namespace) -> int:
         sys.stdout.write(json.dumps(recs, indent=2) + "\n")
         return 0
     if args.format == "csv":
-        sys.stdout.write("name,paper,input,params,pooling,normalisation\n")
-        for r in recs:
-            sys.stdout.write(",".join(f'"{r[k]}"' if k == "paper" else str(r[k])
-                                      for k in ("name", "paper", "input", "params", "pooling",
-                                                "normalisation")) + "\n")
+        writer = csv.DictWriter(sys.stdout, fieldnames=list(recs[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(recs)
         return 0
     head = ["name", "paper", "input", "params", "pooling", "normalisation"]
     rows = [[r["name"], r["paper"], r["input"], f"{r['params']:,}" if r["params"] else "", r["pooling"],
