@@ -90,8 +90,10 @@ def linear_to_conv(linear: nn.Linear, in_shape: tuple[int, ...], dilation: int =
             f"Linear({linear.in_features}, {linear.out_features}) cannot read a {c}x{h}x{w} map "
             f"({c * h * w} values)"
         )
-    conv = nn.Conv2d(c, linear.out_features, (h, w), dilation=dilation, bias=linear.bias is not None)
-    conv.to(device=linear.weight.device, dtype=linear.weight.dtype)
+    # built on meta and given storage afterwards: its random init would be overwritten anyway
+    conv = nn.Conv2d(c, linear.out_features, (h, w), dilation=dilation, bias=linear.bias is not None,
+                     device="meta", dtype=linear.weight.dtype)
+    conv.to_empty(device=linear.weight.device)
     with torch.no_grad():
         conv.weight.copy_(linear.weight.reshape(linear.out_features, c, h, w))
         if linear.bias is not None:
@@ -116,6 +118,8 @@ def fully_convolutional(model: ClassifierNet, input_size: tuple[int, int, int]) 
             shape = (m.out_features, 1, 1)
         else:
             layers.append((name, m))
+            # a head may pool before its FC layer (GoogLeNet's avg pool 7x7/1): follow the shape
+            shape = _module_out_shape(m, shape)
     model.classifier = _named_sequential(layers)
     return model
 
@@ -128,11 +132,21 @@ def _named_sequential(layers: Iterable[tuple[str, nn.Module]]) -> nn.Sequential:
 
 
 def _feature_shape(model: ClassifierNet, input_size: tuple[int, int, int]) -> tuple[int, ...]:
+    return _module_out_shape(model.features, input_size, _dtype_of(model))
+
+
+def _dtype_of(model: nn.Module) -> torch.dtype:
     param = next(model.parameters(), None)
-    dtype = param.dtype if param is not None else torch.get_default_dtype()
-    meta = copy.deepcopy(model.features).to("meta")
+    return param.dtype if param is not None else torch.get_default_dtype()
+
+
+def _module_out_shape(module: nn.Module, in_shape: tuple[int, ...], dtype: torch.dtype | None = None
+                      ) -> tuple[int, ...]:
+    """Output shape (without batch) of ``module`` for one input of ``in_shape``, computed on meta."""
+    dtype = dtype or _dtype_of(module)
+    meta = copy.deepcopy(module).to("meta")
     with torch.no_grad():
-        out = meta(torch.zeros(1, *input_size, device="meta", dtype=dtype))
+        out = meta(torch.zeros(1, *in_shape, device="meta", dtype=dtype))
     return tuple(out.shape[1:])
 
 
@@ -150,8 +164,9 @@ def extract_features(model: nn.Module, x: torch.Tensor, names: Iterable[str]) ->
         full = name if name in modules else short.get(name)
         if full is None:
             raise ConfigError(f"model has no layer named {name!r}; layers: {', '.join(short)}")
+        # a copy: the zoo's ReLUs work in place and would otherwise turn a kept fc7 into relu7's output
         handles.append(modules[full].register_forward_hook(
-            lambda _m, _i, out, key=name: outputs.__setitem__(key, out)))
+            lambda _m, _i, out, key=name: outputs.__setitem__(key, out.clone())))
     try:
         model(x)
     finally:

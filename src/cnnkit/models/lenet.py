@@ -20,7 +20,8 @@ from cnnkit.models.registry import register_model
 
 @register_model(
     "lenet5",
-    paper="LeCun, Bottou, Bengio, Haffner. Gradient-based learning applied to document recognition. Proc. IEEE 1998",
+    paper="LeCun, Bottou, Bengio, Haffner. Gradient-based learning applied to document recognition. "
+    "Proc. IEEE 1998",
     input_size=(1, 32, 32),
     num_classes=10,
     pooling="floor",
