@@ -76,3 +76,11 @@ def test_atomic_files_get_the_usual_permissions(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_lrn_runs_in_bfloat16_on_cpu():
+    x = torch.randn(2, 8, 5, 5)
+    lrn = LocalResponseNorm()
+    y = lrn(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    assert torch.allclose(y.float(), lrn(x), atol=2e-2, rtol=2e-2)

@@ -60,6 +60,9 @@ class LocalResponseNorm(nn.Module):
             return self(x[..., None]).squeeze(-1)
         # F.local_response_norm divides alpha by size (Caffe); undo that for the paper's convention.
         alpha = self.alpha * self.size if self.convention == "paper" else self.alpha
+        if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
+            # PyTorch's LRN pools with avg_pool3d, which has no half-precision CPU kernel: compute in float32.
+            return F.local_response_norm(x.float(), self.size, alpha=alpha, beta=self.beta, k=self.k).to(x.dtype)
         return F.local_response_norm(x, self.size, alpha=alpha, beta=self.beta, k=self.k)
 
     def extra_repr(self) -> str:
