@@ -47,6 +47,7 @@ def _conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
     num_classes=10,
     pooling="floor",
     normalisation="none",
+    reference_params=65_162,  # with the default options (our own study net: no paper figure)
     notes="conv-relu-maxpool blocks then ReLU FC layers; kernel_size, channels, stride (conv1), padding, "
     "fc_width, dropout, init_seed are options",
 )
