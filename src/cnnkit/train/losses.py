@@ -27,12 +27,19 @@ from cnnkit.errors import ConfigError
 LOSSES = ("softmax", "ranking-hinge")
 
 
+def _full(scores: torch.Tensor) -> torch.Tensor:
+    """Half-precision scores (autocast) in float32 for the loss; float32 and float64 as they are."""
+    return scores.float() if scores.dtype in (torch.float16, torch.bfloat16) else scores
+
+
 def softmax_cross_entropy(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of softmax(scores); multi-label targets (B, K) are normalised to distributions."""
+    scores = _full(scores)
     if target.dim() == 2:
-        target = target.float() / target.float().sum(1, keepdim=True).clamp(min=1)
-        return torch.sum(-target * F.log_softmax(scores.float(), dim=1), dim=1).mean()
-    return F.cross_entropy(scores.float(), target)
+        target = target.to(scores.dtype)
+        target = target / target.sum(1, keepdim=True).clamp(min=1)
+        return torch.sum(-target * F.log_softmax(scores, dim=1), dim=1).mean()
+    return F.cross_entropy(scores, target)
 
 
 def _positives(target: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -47,7 +54,7 @@ def ranking_hinge_loss(scores: torch.Tensor, target: torch.Tensor, margin: float
     ``scores`` (B, K); ``target`` (B,) class indices or (B, K) 0/1. Classes without both a positive and
     a negative image in the batch do not contribute; a batch where no class has both gives 0.
     """
-    scores = scores.float()
+    scores = _full(scores)
     pos = _positives(target, scores.shape[1])  # (B, K)
     neg = ~pos
     # (B_pos, B_neg, K) pairwise margins, masked to real (positive, negative) pairs of each class
