@@ -68,7 +68,7 @@ def max_difference(a: Path, b: Path) -> float:
     return max(float((sa[k] - sb[k]).abs().max()) for k in sa)
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def one_thread():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each torchrun process (OMP_NUM_THREADS=1)
@@ -77,7 +77,7 @@ def one_thread():
 
 
 @pytest.mark.slow
-def test_two_processes_reach_the_weights_of_one_and_resume_on_one(tmp_path, one_thread):
+def test_two_processes_reach_the_weights_of_one_and_resume_on_one(tmp_path):
     # 63 images per global batch: ranks take 31 and 32, so the loss weighting matters
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",

@@ -22,7 +22,7 @@ DOCS = Path(__file__).resolve().parents[1] / "docs" / "recipes.md"
 INPUT = {"alexnet": (227, 227)}  # the zoo's AlexNet takes 227; the other recipes' models take 224
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def one_thread():
     """Training tests run single-threaded: on a shared 2-core machine a second thread mostly waits."""
     threads = torch.get_num_threads()
@@ -96,7 +96,7 @@ def test_config_file_errors(tmp_path):
         assert read_config_file(yaml_file) == {"lr": 0.1, "epochs": 3}
 
 
-def test_cli_recipe_run_saves_the_resolved_configuration(tmp_path, capsys, one_thread):
+def test_cli_recipe_run_saves_the_resolved_configuration(tmp_path, capsys):
     out = tmp_path / "run"
     code = main(["train", "--recipe", "vgg2014", "--model", "lenet5", "--epochs", "1", "--batch-size", "64",
                  "--lr", "0.05", "--input-size", "32", "--load-size", "36", "--augment", "scale=36:44,flip",
@@ -120,7 +120,7 @@ def quick(tmp_path, **kw):
 
 
 @pytest.mark.slow
-def test_polyak_averaging_is_evaluated_saved_and_resumed(tmp_path, one_thread):
+def test_polyak_averaging_is_evaluated_saved_and_resumed(tmp_path):
     straight = fit(quick(tmp_path / "a", weight_average="polyak"))
     ckpt = load_checkpoint(straight["last_checkpoint"])
     assert ckpt.meta["n_averaged"] == 2 * 23  # every step of both epochs (1438 images, batches of 64)
@@ -137,7 +137,7 @@ def test_polyak_averaging_is_evaluated_saved_and_resumed(tmp_path, one_thread):
 
 
 @pytest.mark.slow
-def test_ranking_hinge_loss_with_l2_features_trains(tmp_path, one_thread):
+def test_ranking_hinge_loss_with_l2_features_trains(tmp_path):
     summary = fit(quick(tmp_path, loss="ranking-hinge", l2_features=True, epochs=3, lr=0.1))
     assert summary["final"]["val_acc1"] > 0.8
     # the checkpoint rebuilds the normalised head: evaluation agrees with training
@@ -148,7 +148,7 @@ def test_ranking_hinge_loss_with_l2_features_trains(tmp_path, one_thread):
 @pytest.mark.slow
 @pytest.mark.parametrize("options", [{"precision": "bf16", "channels_last": True}, {"precision": "fp16", "epochs": 1},
                                      {"schedule": "piecewise", "lr_steps": [[1, 1.0], [2, 0.1]]}])
-def test_run_options(tmp_path, options, one_thread):
+def test_run_options(tmp_path, options):
     summary = fit(quick(tmp_path, **options))
     assert summary["final"]["val_acc1"] > 0.3
     rows = load_checkpoint(summary["last_checkpoint"]).meta["history"]
@@ -157,7 +157,7 @@ def test_run_options(tmp_path, options, one_thread):
 
 
 @pytest.mark.slow
-def test_compile_wraps_the_training_step(tmp_path, monkeypatch, one_thread):
+def test_compile_wraps_the_training_step(tmp_path, monkeypatch):
     compiled = []
     real = torch.compile
 

@@ -25,6 +25,15 @@ from cnnkit.train.tta import (
 )
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Single-threaded: these tiny nets gain nothing from a second thread on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_ten_crop_offsets_are_the_corners_then_the_centre():
     assert ten_crop_offsets((256, 256), (224, 224)) == [(0, 0), (0, 32), (32, 0), (32, 32), (16, 16)]
     assert ten_crop_offsets((256, 341), (227, 227)) == [(0, 0), (0, 114), (29, 0), (29, 114), (14, 57)]
@@ -84,11 +93,11 @@ def test_model_averaging_averages_posteriors():
 
 # ---------------------------------------------------------------------- accuracy on a small trained model
 
-DIGIT, CANVAS, INPUT = 12, 24, 16
+DIGIT, CANVAS, INPUT = 12, 28, 16
 
 
 def digits_on_canvas(images, generator, centred):
-    """Each 12 x 12 digit pasted on a black 24 x 24 canvas: centred (training) or anywhere (held out)."""
+    """Each 12 x 12 digit pasted on a black 28 x 28 canvas: centred (training) or anywhere (held out)."""
     n = len(images)
     out = torch.zeros(n, 1, CANVAS, CANVAS)
     pos = torch.randint(0, CANVAS - DIGIT + 1, (n, 2), generator=generator)
@@ -118,11 +127,16 @@ def trained():
     mean = torch.full((1, INPUT, INPUT), float(x_train.mean()))  # per-channel mean
     optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     augment = parse_augment("crop,flip", (INPUT, INPUT))
-    for epoch in range(25):
-        loader = DataLoader(TensorDataset(x_train, y[train]), batch_size=32, shuffle=True,
-                            generator=torch.Generator().manual_seed(epoch))
-        train_one_epoch(net, loader, optimizer, device=torch.device("cpu"), num_classes=10, mean=mean,
-                        augment=augment, generator=torch.Generator().manual_seed(100 + epoch))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # module-scoped: the autouse fixture has not run yet
+    try:
+        for epoch in range(25):
+            loader = DataLoader(TensorDataset(x_train, y[train]), batch_size=32, shuffle=True,
+                                generator=torch.Generator().manual_seed(epoch))
+            train_one_epoch(net, loader, optimizer, device=torch.device("cpu"), num_classes=10, mean=mean,
+                            augment=augment, generator=torch.Generator().manual_seed(100 + epoch))
+    finally:
+        torch.set_num_threads(threads)
     return net, mean, DataLoader(TensorDataset(x_held, y[held]), batch_size=128)
 
 
@@ -133,13 +147,15 @@ def held_out_accuracy(trained, mode, scales=()):
 
 @pytest.mark.slow
 def test_ten_crop_and_multiscale_beat_one_central_crop(trained):
+    # Measured over seeds 0-5 of this setting: centre 0.47-0.55, 10-crop +0.12..+0.22,
+    # multi-scale (Q = 24, 28, 32) +0.14..+0.22; the margin asserted is half the smallest gain.
     center = held_out_accuracy(trained, "center")
     ten = held_out_accuracy(trained, "10crop")
-    multi = held_out_accuracy(trained, "multiscale", (CANVAS, CANVAS + 4))
+    multi = held_out_accuracy(trained, "multiscale", (CANVAS - 4, CANVAS, CANVAS + 4))
     print(f"held-out top-1: center {center:.4f}, 10-crop {ten:.4f}, multi-scale {multi:.4f}")
     assert center > 0.4  # the model did learn
-    assert ten > center + 0.04
-    assert multi > center + 0.04
+    assert ten > center + 0.06
+    assert multi > center + 0.06
 
 
 # ---------------------------------------------------------------------- the eval command

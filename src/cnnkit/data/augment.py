@@ -146,9 +146,13 @@ def crop(x: torch.Tensor, top: torch.Tensor, left: torch.Tensor, size: tuple[int
 
 
 def _sample(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, padding: str) -> torch.Tensor:
-    """Bilinear samples of ``x`` at continuous pixel coordinates (u across, v down; pixel k spans [k, k+1])."""
+    """Bilinear samples of ``x`` at continuous pixel coordinates (u across, v down; pixel k spans [k, k+1]).
+
+    ``u`` and ``v`` broadcast to (B, h', w') and live on ``x``'s device.
+    """
     h, w = x.shape[-2:]
-    grid = torch.stack((2 * u / w - 1, 2 * v / h - 1), dim=-1).to(device=x.device, dtype=x.dtype)  # (B, h', w', 2)
+    u, v = torch.broadcast_tensors(2 * u / w - 1, 2 * v / h - 1)
+    grid = torch.stack((u, v), dim=-1).to(x.dtype)  # (B, h', w', 2)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode=padding, align_corners=False)
 
 
@@ -161,17 +165,24 @@ def resample_windows(x: torch.Tensor, top, left, height, width, size: tuple[int,
     oh, ow = size
     i = torch.arange(oh, dtype=torch.float64) + 0.5
     j = torch.arange(ow, dtype=torch.float64) + 0.5
-    v = top.double()[:, None] + i * (height.double()[:, None] / oh)  # (B, oh)
+    v = top.double()[:, None] + i * (height.double()[:, None] / oh)  # (B, oh), exact in float64
     u = left.double()[:, None] + j * (width.double()[:, None] / ow)  # (B, ow)
-    n = len(top)
-    return _sample(x, u[:, None, :].expand(n, oh, ow), v[:, :, None].expand(n, oh, ow), "border")
+    on = {"device": x.device, "dtype": x.dtype}
+    return _sample(x, u.to(**on)[:, None, :], v.to(**on)[:, :, None], "border")
 
 
-def _centred_coords(n: int, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Pixel-centre offsets from the image centre (dx, dy), each (1, h, w), and the half diagonal R."""
-    dy = torch.arange(h, dtype=torch.float64)[:, None] + 0.5 - h / 2
-    dx = torch.arange(w, dtype=torch.float64)[None, :] + 0.5 - w / 2
-    return dx.expand(h, w)[None], dy.expand(h, w)[None], math.hypot(h / 2, w / 2)
+def _centred_coords(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Pixel-centre offsets (dx (1, 1, w), dy (1, h, 1)) from the centre of ``x``'s images, on its device,
+    and the half diagonal R."""
+    h, w = x.shape[-2:]
+    dy = torch.arange(h, device=x.device, dtype=x.dtype).view(1, h, 1) + (0.5 - h / 2)
+    dx = torch.arange(w, device=x.device, dtype=x.dtype).view(1, 1, w) + (0.5 - w / 2)
+    return dx, dy, math.hypot(h / 2, w / 2)
+
+
+def _per_image(values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(B,) parameters as (B, 1, 1) on ``x``'s device and dtype."""
+    return values.to(device=x.device, dtype=x.dtype).view(-1, 1, 1)
 
 
 def _check_fits(name: str, crop_size, size) -> None:
@@ -334,8 +345,8 @@ class Rotation(Transform):
 
     def apply(self, x, p):
         h, w = x.shape[-2:]
-        dx, dy = _centred_coords(len(x), h, w)[:2]
-        t = torch.deg2rad(p["angle"].double())[:, None, None]
+        dx, dy, _ = _centred_coords(x)
+        t = _per_image(torch.deg2rad(p["angle"].double()), x)
         # The output pixel at offset (dx, dy) shows the source pixel rotated back by the angle
         # (y points down, so a counter-clockwise turn on screen is clockwise in (x, y)).
         u = w / 2 + torch.cos(t) * dx - torch.sin(t) * dy
@@ -361,8 +372,8 @@ class LensDistortion(Transform):
 
     def apply(self, x, p):
         h, w = x.shape[-2:]
-        dx, dy, radius = _centred_coords(len(x), h, w)
-        gain = 1 + p["k"].double()[:, None, None] * (dx**2 + dy**2) / radius**2  # (B, h, w)
+        dx, dy, radius = _centred_coords(x)
+        gain = 1 + _per_image(p["k"], x) * ((dx**2 + dy**2) / radius**2)  # (B, h, w)
         return _sample(x, w / 2 + dx * gain, h / 2 + dy * gain, "zeros")
 
 
@@ -434,12 +445,10 @@ class Vignetting(Transform):
         s = _uniform(n, self.smin, self.smax, generator)
         return {"strength": torch.where(_coin(n, self.p, generator), s, 0.0)}
 
-    def gain(self, strength: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        dx, dy, radius = _centred_coords(len(strength), h, w)
-        return 1 - strength.double()[:, None, None] * (dx**2 + dy**2) / radius**2  # (B, h, w)
-
     def apply(self, x, p):
-        return x * self.gain(p["strength"], *x.shape[-2:]).to(device=x.device, dtype=x.dtype)[:, None]
+        dx, dy, radius = _centred_coords(x)
+        gain = 1 - _per_image(p["strength"], x) * ((dx**2 + dy**2) / radius**2)  # (B, h, w)
+        return x * gain[:, None]
 
 
 class Grayscale(Transform):
