@@ -168,3 +168,22 @@ def test_compile_wraps_the_training_step(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "compile", eager_compile)
     summary = fit(quick(tmp_path, epochs=1, compile=True))
     assert len(compiled) == 1 and summary["final"]["val_acc1"] > 0.3
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--augment", "crop,warp"], "unknown augmentation 'warp'"),
+    (["--load-size", "40"], "--load-size"),
+    (["--recipe", "googlenet2014", "--model", "lenet5", "--tta", "multiscale"], "--scales"),
+])
+def test_cli_errors_are_one_line(tmp_path, capsys, argv, fragment):
+    code = main(["train", "--epochs", "1", "--out", str(tmp_path / "o"), *argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: ") and len(err.splitlines()) == 1 and fragment in err
+    assert not (tmp_path / "o" / "last.safetensors").exists()
+
+
+def test_cli_bad_config_file(tmp_path, capsys):
+    (tmp_path / "run.toml").write_text("epoch = 3\n")
+    code = main(["train", "--config", str(tmp_path / "run.toml")])
+    err = capsys.readouterr().err
+    assert code == 2 and "unknown setting 'epoch'" in err and "did you mean epochs" in err

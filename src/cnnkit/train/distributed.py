@@ -57,9 +57,12 @@ class DistContext:
         if self.distributed:
             dist.barrier()
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Leave the group; after a failure without the barrier (the others may be in another collective,
+        and torchrun stops them when this process exits with an error)."""
         if self.owns_group and dist.is_initialized():
-            dist.barrier()
+            if not failed:
+                dist.barrier()
             dist.destroy_process_group()
             self.owns_group = False
 

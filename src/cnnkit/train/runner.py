@@ -185,9 +185,12 @@ def fit(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = None)
     """
     ctx = distributed.init(cfg.device)
     try:
-        return _fit(cfg, ctx, resume, progress if ctx.is_main else False)
-    finally:
-        ctx.close()
+        summary = _fit(cfg, ctx, resume, progress if ctx.is_main else False)
+    except BaseException:
+        ctx.close(failed=True)
+        raise
+    ctx.close()
+    return summary
 
 
 def _fit(cfg: TrainConfig, ctx, resume: bool, progress) -> dict:
