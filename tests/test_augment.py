@@ -291,3 +291,21 @@ def test_a_crop_larger_than_the_image_is_refused():
         RandomCrop((32, 32))(images(h=20, w=20), gen())
     with pytest.raises(ConfigError, match="3-channel"):
         PCANoise(torch.ones(3), torch.eye(3)).apply(torch.rand(2, 1, 4, 4), {"alpha": torch.zeros(2, 3)})
+
+
+def test_cli_augment_writes_a_labelled_grid(tmp_path, capsys):
+    from PIL import Image
+
+    from cnnkit.cli import main
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(tmp_path / "photo.png")
+    out = tmp_path / "grid.png"
+    code = main(["augment", str(tmp_path / "photo.png"), "--show", str(out), "--samples", "3",
+                 "--load-size", "40", "--crop-size", "32", "--augment", "crop,flip", "lens=0.3"])
+    assert code == 0 and "2 rows x 3 samples" in capsys.readouterr().out
+    with Image.open(out) as grid:
+        assert grid.format == "PNG" and grid.width > 300
+    code = main(["augment", str(tmp_path / "missing.png"), "--show", str(tmp_path / "no.png")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and "missing.png" in err and not (tmp_path / "no.png").exists()

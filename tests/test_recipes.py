@@ -174,6 +174,8 @@ def test_compile_wraps_the_training_step(tmp_path, monkeypatch):
     (["--augment", "crop,warp"], "unknown augmentation 'warp'"),
     (["--load-size", "40"], "--load-size"),
     (["--recipe", "googlenet2014", "--model", "lenet5", "--tta", "multiscale"], "--scales"),
+    (["--tta", "10crop"], "--load-size"),
+    (["--tta", "multiscale", "--scales", "24"], "smaller than"),
 ])
 def test_cli_errors_are_one_line(tmp_path, capsys, argv, fragment):
     code = main(["train", "--epochs", "1", "--out", str(tmp_path / "o"), *argv])

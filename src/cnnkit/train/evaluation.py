@@ -13,11 +13,11 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader
 
 from cnnkit.data import IMAGE_EXTENSIONS, load_dataset, load_image
-from cnnkit.errors import ConfigError, DataError
+from cnnkit.errors import DataError
 from cnnkit.train.checkpoint import Checkpoint, load_checkpoint
 from cnnkit.train.metrics import topk_error
 from cnnkit.train.plots import plot_confusion
-from cnnkit.train.tta import Predictor, evaluate_predictors
+from cnnkit.train.tta import Predictor, check_protocol, evaluate_predictors
 from cnnkit.utils import ensure_writable_dir, resolve_device, write_json_atomic
 
 
@@ -52,9 +52,7 @@ def evaluate_checkpoint(path, *, data: str | None = None, split: str = "val", de
     source = data or config.get("data", "digits")
     size, load = _sizes(ckpt)
     load = tuple(load_size) if load_size else load
-    if tta == "10crop" and load == size:
-        raise ConfigError(f"10 crops of {size[0]}x{size[1]} from images loaded at the same size would all be "
-                          f"the same view; pass --load-size larger than the input")
+    check_protocol(tta, scales, size, load)
     splits = load_dataset(source, load, channels=ckpt.meta.get("channels"),
                           val_fraction=config.get("val_fraction", 0.2), seed=config.get("seed", 0),
                           skip_bad_files=skip_bad_files)

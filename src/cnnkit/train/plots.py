@@ -73,7 +73,7 @@ def plot_augmentations(rows: list[tuple[str, torch.Tensor]], path: Path, title: 
                 spine.set_visible(False)
             if c < len(batch):
                 image = batch[c].detach().float().cpu().clamp(0, 1)
-                ax.imshow(image[0] if image.shape[0] == 1 else image.permute(1, 2, 0),
+                ax.imshow((image[0] if image.shape[0] == 1 else image.permute(1, 2, 0)).numpy(),
                           cmap="gray" if image.shape[0] == 1 else None, vmin=0, vmax=1)
         axes[r][0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
     if title:

@@ -54,7 +54,7 @@ from cnnkit.train.config import SCHEDULES, TrainConfig, to_toml
 from cnnkit.train.engine import evaluate, train_one_epoch
 from cnnkit.train.losses import l2_normalize_head_input, make_loss
 from cnnkit.train.plots import plot_confusion, plot_training_curves
-from cnnkit.train.tta import Predictor, evaluate_predictors
+from cnnkit.train.tta import Predictor, check_protocol, evaluate_predictors
 from cnnkit.utils import atomic_path, ensure_writable_dir, seed_everything, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -212,6 +212,7 @@ def _fit(cfg: TrainConfig, ctx, resume: bool, progress) -> dict:
     info = model_info(cfg.model)
     size = tuple(cfg.input_size) if cfg.input_size else tuple(info.input_size[1:])
     load = tuple(cfg.load_size) if cfg.load_size else size
+    check_protocol(cfg.tta, cfg.tta_scales, size, load)  # now, not after the last epoch
     splits = load_dataset(cfg.data, load, channels=model_channels(cfg.model), val_fraction=cfg.val_fraction,
                           seed=cfg.seed, skip_bad_files=cfg.skip_bad_files)
     num_classes = len(splits.classes)
@@ -226,6 +227,7 @@ def _fit(cfg: TrainConfig, ctx, resume: bool, progress) -> dict:
     loss_fn = make_loss(cfg.loss)
 
     model = build_model(cfg.model, num_classes, splits.channels, cfg.dropout, cfg.model_options)
+    check_protocol(cfg.tta, cfg.tta_scales, size, load, model)
     if cfg.l2_features:
         l2_normalize_head_input(model)
     model = model.to(device)

@@ -75,6 +75,25 @@ def fully_convolutional_copy(model: nn.Module, input_size: tuple[int, int, int])
                       f"{type(model).__name__} has none (use --tta center or 10crop)")
 
 
+def check_protocol(mode: str, scales, input_size, load_size, model: nn.Module | None = None) -> None:
+    """Refuse a protocol that cannot run or would be meaningless, before any work is done."""
+    if mode not in TTA_MODES:
+        raise ConfigError(f"unknown test protocol {mode!r}; use one of {', '.join(TTA_MODES)}")
+    if mode == "10crop" and tuple(load_size) == tuple(input_size):
+        raise ConfigError(f"--tta 10crop needs images loaded larger than the {input_size[0]}x{input_size[1]} "
+                          f"input (--load-size); otherwise all crops are the same view")
+    if mode == "10crop":
+        ten_crop_offsets(tuple(load_size), tuple(input_size))  # crops must fit
+    if mode == "multiscale":
+        if not scales:
+            raise ConfigError("--tta multiscale needs --scales, e.g. --scales 256 384 512")
+        if min(scales) < min(input_size):
+            raise ConfigError(f"--scales {min(scales)} is smaller than the model's input side {min(input_size)}")
+        if model is not None and not hasattr(model, "to_fully_convolutional"):
+            raise ConfigError(f"multi-scale evaluation needs a model with to_fully_convolutional(); "
+                              f"{type(model).__name__} has none (use --tta center or 10crop)")
+
+
 class Predictor:
     """One model, its mean image and a test protocol: ``predictor(x)`` gives class posteriors (B, K).
 
@@ -86,10 +105,7 @@ class Predictor:
         if mode not in TTA_MODES:
             raise ConfigError(f"unknown test protocol {mode!r}; use one of {', '.join(TTA_MODES)}")
         if mode == "multiscale":
-            if not scales:
-                raise ConfigError("multi-scale evaluation needs --scales, e.g. --scales 256 384 512")
-            if min(scales) < min(input_size):
-                raise ConfigError(f"--scales {min(scales)} is smaller than the model's input side {min(input_size)}")
+            check_protocol(mode, scales, input_size, input_size)
         self.model, self.mean, self.input_size = model.eval(), mean, tuple(input_size)
         self.mode, self.scales, self.flip = mode, tuple(int(q) for q in scales), flip
         self.device = next(model.parameters()).device
