@@ -119,7 +119,11 @@ def _averager(model, cfg: TrainConfig):
     return AveragedModel(model, use_buffers=True)  # Polyak: the running mean of the iterates
 
 
+AUGMENT_STREAM, WORKER_STREAM, DROPOUT_STREAM = 0, 1 << 20, 2 << 20  # + rank for the last two
+
+
 def _epoch_seed(cfg: TrainConfig, epoch: int, stream: int) -> int:
+    """A seed for one random stream of one epoch: a run repeats, and a resumed run continues exactly."""
     return (cfg.seed * 1_000_003 + epoch * 7_919 + stream * 104_729) % 2**62
 
 
@@ -128,8 +132,10 @@ def _loader(dataset, cfg: TrainConfig, ctx, *, shuffle: bool, epoch: int = 0) ->
     # uninterrupted one, and N processes see slices of the batches one process would see.
     sampler = distributed.GlobalBatchSampler(len(dataset), cfg.batch_size, rank=ctx.rank, world_size=ctx.world_size,
                                              shuffle=shuffle, seed=cfg.seed * 100_003 + epoch)
+    # The generator only seeds the workers; without one, DataLoader would draw from the global RNG.
     return DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.workers,
-                      pin_memory=ctx.device.type == "cuda", persistent_workers=False)
+                      pin_memory=ctx.device.type == "cuda", persistent_workers=False,
+                      generator=torch.Generator().manual_seed(_epoch_seed(cfg, epoch, WORKER_STREAM + ctx.rank)))
 
 
 def mean_for_input(train, mode: str, size: tuple[int, int]) -> torch.Tensor:
@@ -213,17 +219,9 @@ def _fit(cfg: TrainConfig, ctx, resume: bool, progress) -> dict:
     size = tuple(cfg.input_size) if cfg.input_size else tuple(info.input_size[1:])
     load = tuple(cfg.load_size) if cfg.load_size else size
     check_protocol(cfg.tta, cfg.tta_scales, size, load)  # now, not after the last epoch
-    splits = load_dataset(cfg.data, load, channels=model_channels(cfg.model), val_fraction=cfg.val_fraction,
-                          seed=cfg.seed, skip_bad_files=cfg.skip_bad_files)
+    splits, augment = _data_and_augment(cfg, size, load)
     num_classes = len(splits.classes)
-    log.info("data: %s", splits.description)
-    pca = training_pca(splits.train) if "pca" in cfg.augment else None
-    augment = parse_augment(cfg.augment, size, pca=pca)
-    if augment.output_size(load) != size:
-        raise ConfigError(f"--augment '{augment.spec() or 'none'}' turns {load[0]}x{load[1]} images into "
-                          f"{'x'.join(map(str, augment.output_size(load)))}, but {cfg.model} takes "
-                          f"{size[0]}x{size[1]}; add crop, scale=... or aspect=..., or change --load-size")
-    view = CenterCrop(size) if load != size else None
+    view = CenterCrop(size) if load != size else None  # held-out images: the central crop
     loss_fn = make_loss(cfg.loss)
 
     model = build_model(cfg.model, num_classes, splits.channels, cfg.dropout, cfg.model_options)
@@ -236,23 +234,11 @@ def _fit(cfg: TrainConfig, ctx, resume: bool, progress) -> dict:
     optimizer = _make_optimizer(model, cfg)
     scheduler = _make_scheduler(optimizer, cfg)
     averaged = _averager(model, cfg)
-    history: list[dict] = []
-    start = 1
     if ckpt is not None:
-        load_weights(model, ckpt.live_state or ckpt.model_state, source=str(last_path))
-        if averaged is not None and ckpt.meta.get("n_averaged", 0) > 0:
-            load_weights(averaged.module, ckpt.model_state, source=str(last_path))
-            averaged.n_averaged.fill_(int(ckpt.meta["n_averaged"]))
-        optimizer.load_state_dict(ckpt.optimizer_state)
-        if scheduler is not None and ckpt.scheduler_state is not None:
-            scheduler.load_state_dict(ckpt.scheduler_state)
-        mean = ckpt.mean_image
-        history = list(ckpt.meta.get("history", []))
-        restore_rng_state(ckpt.rng_state["tensors"], ckpt.rng_state["doc"])
-        start = ckpt.epoch + 1
-        log.info("resuming %s from epoch %d on %d process(es)", out, ckpt.epoch, ctx.world_size)
+        mean, history, start = _restore(ckpt, model, averaged, optimizer, scheduler, last_path)
+        log.info("resuming %s from epoch %d on %d process(es)", out, start - 1, ctx.world_size)
     else:
-        mean = mean_for_input(splits.train, cfg.mean, size)
+        mean, history, start = mean_for_input(splits.train, cfg.mean, size), [], 1
     mean = mean.to(device)
     train_net = distributed.wrap(model, ctx)
     if cfg.compile:
@@ -272,12 +258,13 @@ def _fit(cfg: TrainConfig, ctx, resume: bool, progress) -> dict:
         t0 = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         if ctx.distributed:  # dropout masks: independent per process, repeatable per (seed, epoch, rank)
-            torch.manual_seed(_epoch_seed(cfg, epoch, 1 + ctx.rank))
+            torch.manual_seed(_epoch_seed(cfg, epoch, DROPOUT_STREAM + ctx.rank))
         loader = _loader(splits.train, cfg, ctx, shuffle=True, epoch=epoch)
         averaging = averaged is not None and epoch >= cfg.average_start
         train, _ = train_one_epoch(
             train_net, loader, optimizer, epoch=epoch, augment=augment if len(augment) else None,
-            generator=torch.Generator().manual_seed(_epoch_seed(cfg, epoch, 0)), layout=loader.batch_sampler.layout,
+            generator=torch.Generator().manual_seed(_epoch_seed(cfg, epoch, AUGMENT_STREAM)),
+            layout=loader.batch_sampler.layout,
             world_size=ctx.world_size, scaler=scaler, aux_weight=cfg.aux_weight,
             averaged=averaged if averaging else None, averaged_source=model, **run)
         eval_net = averaged.module if averaged is not None and averaged.n_averaged > 0 else model
@@ -309,6 +296,32 @@ def _fit(cfg: TrainConfig, ctx, resume: bool, progress) -> dict:
         if ctx.is_main:
             write_json_atomic(out / "test.json", summary["test"])
     return summary
+
+
+def _data_and_augment(cfg: TrainConfig, size, load):
+    splits = load_dataset(cfg.data, load, channels=model_channels(cfg.model), val_fraction=cfg.val_fraction,
+                          seed=cfg.seed, skip_bad_files=cfg.skip_bad_files)
+    log.info("data: %s", splits.description)
+    pca = training_pca(splits.train) if "pca" in cfg.augment else None
+    augment = parse_augment(cfg.augment, size, pca=pca)
+    if augment.output_size(load) != size:
+        raise ConfigError(f"--augment '{augment.spec() or 'none'}' turns {load[0]}x{load[1]} images into "
+                          f"{'x'.join(map(str, augment.output_size(load)))}, but {cfg.model} takes "
+                          f"{size[0]}x{size[1]}; add crop, scale=... or aspect=..., or change --load-size")
+    return splits, augment
+
+
+def _restore(ckpt: Checkpoint, model, averaged, optimizer, scheduler, path: Path):
+    """Load a checkpoint's state into the run; returns (mean image, history, first epoch to run)."""
+    load_weights(model, ckpt.live_state or ckpt.model_state, source=str(path))
+    if averaged is not None and ckpt.meta.get("n_averaged", 0) > 0:
+        load_weights(averaged.module, ckpt.model_state, source=str(path))
+        averaged.n_averaged.fill_(int(ckpt.meta["n_averaged"]))
+    optimizer.load_state_dict(ckpt.optimizer_state)
+    if scheduler is not None and ckpt.scheduler_state is not None:
+        scheduler.load_state_dict(ckpt.scheduler_state)
+    restore_rng_state(ckpt.rng_state["tensors"], ckpt.rng_state["doc"])
+    return ckpt.mean_image, list(ckpt.meta.get("history", [])), ckpt.epoch + 1
 
 
 def _save_epoch(cfg, out, model, averaged, optimizer, scheduler, mean, splits, epoch, history, val, size, load,
