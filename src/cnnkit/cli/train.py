@@ -198,9 +198,11 @@ def register(sub) -> None:
 
     p = sub.add_parser(
         "train", help="train a model and write a run folder",
-        description="Train a zoo model (LeNet-5 by default) with SGD + momentum on a dataset. The run folder "
-        "gets metrics.csv, curves.png, confusion.png, args.json and best/last checkpoints (safetensors). "
-        "The training set's mean image is subtracted from every input and stored with the model.",
+        description="Train a zoo model (LeNet-5 by default) with SGD + momentum on a dataset, optionally as a "
+        "paper did (--recipe). The run folder gets metrics.csv, curves.png, confusion.png, args.json, "
+        "config.toml and best/last checkpoints (safetensors). The training set's mean image (or per-channel "
+        "mean) is subtracted from every input and stored with the model. Several processes or machines: "
+        "torchrun --nproc_per_node=N -m cnnkit train ... (see docs/training.md).",
     )
     add_train_arguments(p, TrainConfig())
     p.set_defaults(func=run_train)
