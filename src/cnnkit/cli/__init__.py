@@ -18,6 +18,7 @@ from cnnkit.errors import CnnkitError
 COMMAND_MODULES = [
     "cnnkit.cli.demo",
     "cnnkit.cli.train",
+    "cnnkit.cli.augment",
     "cnnkit.cli.zoo",
     "cnnkit.cli.studies",
 ]

@@ -44,13 +44,17 @@ class Checkpoint:
     scheduler_state: dict | None = None
     rng_state: dict | None = None
     meta: dict = field(default_factory=dict)  # config, metrics, data description, ...
+    live_state: dict[str, torch.Tensor] | None = None  # the optimiser's weights when model_state is an average
 
     def build_model(self) -> nn.Module:
-        """The model with these weights (zoo models by name)."""
+        """The model with these weights (zoo models by name), with the head options it was trained with."""
         from cnnkit.models import create
+        from cnnkit.train.losses import l2_normalize_head_input
 
         model = create(self.model_name, **self.model_options)
         load_weights(model, self.model_state, source=self.meta.get("path", "checkpoint"))
+        if self.meta.get("config", {}).get("l2_features"):
+            l2_normalize_head_input(model)
         return model
 
 
@@ -133,6 +137,8 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
     }
     if ckpt.mean_image is not None:
         tensors["mean_image"] = ckpt.mean_image
+    if ckpt.live_state is not None:
+        tensors.update({f"live/{k}": v for k, v in ckpt.live_state.items()})
     if ckpt.optimizer_state is not None:
         t, d = _split_optimizer_state(ckpt.optimizer_state)
         tensors.update(t)
@@ -183,6 +189,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
                               f"(no '{FORMAT}' metadata)") from None
     tensors = {k: v.to(map_location) if not k.startswith("rng/") else v for k, v in tensors.items()}
     model_state = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
+    live_state = {k[len("live/"):]: v for k, v in tensors.items() if k.startswith("live/")} or None
     meta = dict(doc.get("meta", {}))
     meta["path"] = str(path)
     ckpt = Checkpoint(
@@ -194,6 +201,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         epoch=int(doc.get("epoch", 0)),
         scheduler_state=doc.get("scheduler"),
         meta=meta,
+        live_state=live_state,
     )
     if "optimizer" in doc:
         ckpt.optimizer_state = _join_optimizer_state(tensors, doc["optimizer"])

@@ -57,3 +57,25 @@ def plot_confusion(confusion: torch.Tensor, classes: list[str], path: Path, titl
     acc = float(cm.diag().sum() / cm.sum().clamp(min=1))
     ax.set(xlabel="predicted", ylabel="true", title=title or f"confusion matrix (accuracy {acc:.4f})")
     save_figure(fig, path)
+
+
+def plot_augmentations(rows: list[tuple[str, torch.Tensor]], path: Path, title: str = "") -> None:
+    """A grid of images: one labelled row per (label, (N, C, H, W) batch in [0, 1])."""
+    n = max(len(batch) for _, batch in rows)
+    fig, axes = plt.subplots(len(rows), n, figsize=(1.6 * n + 1.8, 1.6 * len(rows)), squeeze=False,
+                             layout="constrained")
+    for r, (label, batch) in enumerate(rows):
+        for c in range(n):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+            if c < len(batch):
+                image = batch[c].detach().float().cpu().clamp(0, 1)
+                ax.imshow((image[0] if image.shape[0] == 1 else image.permute(1, 2, 0)).numpy(),
+                          cmap="gray" if image.shape[0] == 1 else None, vmin=0, vmax=1)
+        axes[r][0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
+    if title:
+        fig.suptitle(title)
+    save_figure(fig, path)
