@@ -27,14 +27,6 @@ from cnnkit.train.runner import TrainConfig
 TINY = {"channels": [4, 8], "fc_width": 16}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks on shared cores: one intra-op thread avoids OpenMP contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def write_tiny_idx(folder, per_class=12, val_per_class=5):
     """A small MNIST-format copy of scikit-learn's digits (its own t10k split), fast to train on."""

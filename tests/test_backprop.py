@@ -12,16 +12,6 @@ import torch.nn.functional as F
 from cnnkit import backprop as bp
 from cnnkit.errors import ConfigError
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tests run many tiny float64 ops: extra threads only add synchronisation, which on a
-    shared, loaded machine costs far more than the ops (measured: ~3x the suite's time)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 TOL = 1e-10
 N_STACKS = 30
 

@@ -68,13 +68,6 @@ def max_difference(a: Path, b: Path) -> float:
     return max(float((sa[k] - sb[k]).abs().max()) for k in sa)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each torchrun process (OMP_NUM_THREADS=1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.mark.slow
 def test_two_processes_reach_the_weights_of_one_and_resume_on_one(tmp_path):

@@ -24,16 +24,6 @@ from cnnkit.errors import ConfigError
 from cnnkit.layers import ChannelMaxPool, gaussian_window
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tests run many tiny float64 ops: extra threads only add synchronisation, which on a
-    shared, loaded machine costs far more than the ops (measured: ~3x the suite's time)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class GlobalMax(nn.Module):
     def forward(self, x):
         return x.amax(dim=(2, 3))

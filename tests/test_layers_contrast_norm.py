@@ -9,16 +9,6 @@ from cnnkit.errors import ConfigError
 from cnnkit.layers import LocalContrastNorm1d, LocalContrastNorm2d, gaussian_window, local_contrast_norm
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tests run many tiny float64 ops: extra threads only add synchronisation, which on a
-    shared, loaded machine costs far more than the ops (measured: ~3x the suite's time)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def loop_lcn(x, window, across_channels, c, padding, dilation, eps=1e-6):
     """Jarrett's two passes, position by position: v = x - m_N(x), y = v / max(c, sqrt(m_N(v^2)))."""
     B, C, H, W = x.shape

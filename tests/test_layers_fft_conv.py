@@ -11,16 +11,6 @@ from cnnkit.errors import ConfigError
 from cnnkit.layers import FFTConv1d, FFTConv2d, fft_conv
 from cnnkit.layers.fft_conv import next_fast_len
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tests run many tiny float64 ops: extra threads only add synchronisation, which on a
-    shared, loaded machine costs far more than the ops (measured: ~3x the suite's time)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 # (in, out, kernel, stride, padding, dilation, groups)
 CONFIGS_2D = [
     (3, 4, 3, 1, 1, 1, 1),

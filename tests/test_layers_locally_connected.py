@@ -10,16 +10,6 @@ from cnnkit.errors import ConfigError
 from cnnkit.layers import LocallyConnected1d, LocallyConnected2d, TiledConv1d, TiledConv2d
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tests run many tiny float64 ops: extra threads only add synchronisation, which on a
-    shared, loaded machine costs far more than the ops (measured: ~3x the suite's time)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def loop_filter_per_location(x, kernel_at, bias_at, out_hw, k, s, p, d):
     """y[b, o, i, j] = sum_{c, a, e} K(i, j)[o, c, a, e] x_pad[b, c, i*s + a*d, j*s + e*d] + bias(i, j)[o]."""
     xp = F.pad(x, (p[1], p[1], p[0], p[0]))

@@ -8,16 +8,6 @@ from cnnkit.errors import ConfigError
 from cnnkit.layers import LocalResponseNorm
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tests run many tiny float64 ops: extra threads only add synchronisation, which on a
-    shared, loaded machine costs far more than the ops (measured: ~3x the suite's time)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def direct_lrn(a, n, alpha, beta, k, convention):
     """b_c = a_c / (k + alpha' sum_{c'=max(0, c - n//2)}^{min(C-1, c + (n-1)//2)} a_c'^2)^beta."""
     scale = alpha if convention == "paper" else alpha / n

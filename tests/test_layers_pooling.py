@@ -16,16 +16,6 @@ from cnnkit.layers import AvgPool1d, AvgPool2d, ChannelMaxPool, MaxPool1d, MaxPo
 from cnnkit.layers._common import out_size
 from cnnkit.layers.pooling import _sum_and_divide
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tests run many tiny float64 ops: extra threads only add synchronisation, which on a
-    shared, loaded machine costs far more than the ops (measured: ~3x the suite's time)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 # (kernel, stride, padding, dilation, ceil_mode): overlapping, strided, padded, dilated, ceil-mode cases
 CONFIGS = [
     ((3, 3), (1, 1), (1, 1), (2, 2), False),

@@ -22,14 +22,6 @@ DOCS = Path(__file__).resolve().parents[1] / "docs" / "recipes.md"
 INPUT = {"alexnet": (227, 227)}  # the zoo's AlexNet takes 227; the other recipes' models take 224
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Training tests run single-threaded: on a shared 2-core machine a second thread mostly waits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.mark.parametrize("name", list(RECIPES))
 def test_recipe_values_are_valid_settings(name):

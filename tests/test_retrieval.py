@@ -23,15 +23,6 @@ from cnnkit.models import create
 from cnnkit.train.runner import TrainConfig, fit
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks on shared cores: one intra-op thread avoids OpenMP contention (several times faster)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def naive_retrieval(q, ql, db, dbl, ks, metric="euclidean"):
     """The obvious loops: rank the database for each query, walk down the ranking."""
     aps, precs = [], {k: [] for k in ks}

@@ -29,14 +29,6 @@ TINY = {"channels": [4, 8], "fc_width": 16}
 CLASSES = [str(i) for i in range(10)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks on shared cores: one intra-op thread avoids OpenMP contention (several times faster)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def write_tiny_idx(folder, per_class=16, val_per_class=6):
     """A small MNIST-format copy of scikit-learn's digits (its own t10k split), fast to train on."""

@@ -25,15 +25,6 @@ from cnnkit.train.tta import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Single-threaded: these tiny nets gain nothing from a second thread on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_ten_crop_offsets_are_the_corners_then_the_centre():
     assert ten_crop_offsets((256, 256), (224, 224)) == [(0, 0), (0, 32), (32, 0), (32, 32), (16, 16)]
     assert ten_crop_offsets((256, 341), (227, 227)) == [(0, 0), (0, 114), (29, 0), (29, 114), (14, 57)]
@@ -127,16 +118,11 @@ def trained():
     mean = torch.full((1, INPUT, INPUT), float(x_train.mean()))  # per-channel mean
     optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     augment = parse_augment("crop,flip", (INPUT, INPUT))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # module-scoped: the autouse fixture has not run yet
-    try:
-        for epoch in range(25):
-            loader = DataLoader(TensorDataset(x_train, y[train]), batch_size=32, shuffle=True,
-                                generator=torch.Generator().manual_seed(epoch))
-            train_one_epoch(net, loader, optimizer, device=torch.device("cpu"), num_classes=10, mean=mean,
-                            augment=augment, generator=torch.Generator().manual_seed(100 + epoch))
-    finally:
-        torch.set_num_threads(threads)
+    for epoch in range(25):
+        loader = DataLoader(TensorDataset(x_train, y[train]), batch_size=32, shuffle=True,
+                            generator=torch.Generator().manual_seed(epoch))
+        train_one_epoch(net, loader, optimizer, device=torch.device("cpu"), num_classes=10, mean=mean,
+                        augment=augment, generator=torch.Generator().manual_seed(100 + epoch))
     return net, mean, DataLoader(TensorDataset(x_held, y[held]), batch_size=128)
 
 

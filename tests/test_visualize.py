@@ -25,15 +25,6 @@ from cnnkit.models import create
 from cnnkit.train.checkpoint import Checkpoint, save_checkpoint
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks on shared cores: one intra-op thread avoids OpenMP contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def linearised(model: nn.Module) -> nn.Module:
     """The slow twin's network: every weight 1, no bias, ReLU -> identity, max -> average pooling.
 
