@@ -19,7 +19,6 @@ from torch import nn
 from cnnkit.dense import densify, patch_by_patch
 
 
-
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """Tiny tensors: OpenMP hand-offs between threads cost more than the work (25x on 2 cores)."""

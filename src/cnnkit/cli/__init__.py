@@ -16,6 +16,7 @@ from cnnkit.errors import CnnkitError
 # Modules that define subcommands, in the order `cnnkit --help` lists them. Each has
 # ``register(subparsers)`` that adds parsers with ``set_defaults(func=...)``.
 COMMAND_MODULES: list[str] = [
+    "cnnkit.cli.dense",
 ]
 
 

@@ -327,6 +327,7 @@ def convert(model: nn.Module, patch: Factors, in_channels: int | None, exact: bo
     cv = Converter(model, patch, exact)
     if in_channels is None:
         in_channels = cv.guess_in_channels()
+    cv.in_channels = in_channels
     cv.run_patch_net(in_channels, device, dtype)
     steps = []
     output_name, output_info = None, None

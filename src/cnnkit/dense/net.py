@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from cnnkit.dense.convert import DenseCore, Info, SpatialStep, convert
-from cnnkit.dense.ops import LAYOUTS, LayoutChooser, prod
+from cnnkit.dense.ops import LAYOUTS, LayoutChooser
 from cnnkit.dense.tiling import BORDERS, pad_image, run_tiled, tile_side
 from cnnkit.errors import ConfigError, UnsupportedLayerError
 
@@ -144,6 +144,7 @@ def densify(model: nn.Module, patch_size, *, border: str = "zeros", exact: bool 
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     cv, steps, output, info = convert(model, patch, in_channels, exact, device, dtype)
+    in_channels = cv.in_channels
     if exact and any(e > p - 1 for e, p in zip(info.ext, patch)):
         raise UnsupportedLayerError(f"internal: dense extent {info.ext} exceeds patch {patch}")
     chooser = LayoutChooser(mode)
