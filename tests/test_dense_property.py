@@ -138,6 +138,7 @@ def architectures(draw):
     return model, tuple(patch), cin, nd
 
 
+@pytest.mark.slow
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(arch=architectures(), data=st.data())
 def test_dense_equals_patch_by_patch(arch, data):

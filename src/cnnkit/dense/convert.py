@@ -28,6 +28,8 @@ from cnnkit.dense.ops import (
     SpatialKernel,
     Value,
     crop_to_common,
+    deterministic,
+    pixel_chunked,
     preferred_format,
     prod,
 )
@@ -122,18 +124,24 @@ class PointwiseStep(Step):
         values: list[Value] = []
         fx.node.map_aggregate((args, kwargs), lambda a: values.append(a) if isinstance(a, Value) else None)
         levels = values[0].levels
-        aligned = [v.to(levels) for v in values]
-        tensors = iter(crop_to_common(aligned))
+        tensors = crop_to_common([v.to(levels) for v in values])
 
-        def sub(a):
-            if isinstance(a, Value):
-                return next(tensors)
-            if self.vector_nd and isinstance(a, torch.Tensor) and a.dim() >= 1:
-                return a.reshape(*a.shape, *(1,) * self.vector_nd)
-            return a
+        def call(dense: list[torch.Tensor]) -> torch.Tensor:
+            it = iter(dense)
 
-        args, kwargs = fx.node.map_aggregate((args, kwargs), sub)
-        return Value(self.fn(*args, **kwargs), levels)
+            def sub(a):
+                if isinstance(a, Value):
+                    return next(it)
+                if self.vector_nd and isinstance(a, torch.Tensor) and a.dim() >= 1:
+                    return a.reshape(*a.shape, *(1,) * self.vector_nd)
+                return a
+
+            a, k = fx.node.map_aggregate((args, kwargs), sub)
+            return self.fn(*a, **k)
+
+        if deterministic(tensors[0]):
+            return Value(pixel_chunked(call, tensors), levels)
+        return Value(call(tensors), levels)
 
 
 class CatStep(Step):
@@ -251,7 +259,15 @@ class Converter:
 
     def guess_in_channels(self) -> int:
         """The first convolution's input channels (in graph order), or a leading Linear's."""
+        import torch.nn.functional as F
+
         for node in self.gm.graph.nodes:
+            if node.op == "call_function" and node.target in (F.conv1d, F.conv2d):
+                w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+                groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
+                if isinstance(w, fx.Node) and w.op == "get_attr" and isinstance(groups, int):
+                    return self.gm.get_parameter(w.target).shape[1] * groups
+                break
             if node.op == "call_module":
                 m = self.gm.get_submodule(node.target)
                 if isinstance(m, (nn.Conv1d, nn.Conv2d)):
@@ -382,7 +398,7 @@ class DenseCore(nn.Module):
         env: dict[str, object] = {self.input_name: Value(x)}
         grad = torch.is_grad_enabled()
         for (node, step), free, sole in zip(self.steps, self._free, self._sole):
-            if sole and not grad:
+            if sole and not grad and not deterministic(x):
                 env[node.name] = step.run_inplace(env[node.all_input_nodes[0].name])
             else:
                 args = fx.node.map_arg(node.args, lambda n: env[n.name])

@@ -157,6 +157,33 @@ def _factor(levels: Levels, nd: int) -> Factors:
     return tuple(out)
 
 
+def pixel_chunked(fn: Callable[[list[torch.Tensor]], torch.Tensor], tensors: Sequence[torch.Tensor]
+                  ) -> torch.Tensor:
+    """Apply a per-pixel function to maps (B, C_i, *S) in fixed-size blocks of pixels.
+
+    PyTorch's vectorised CPU loops finish a run with scalar code, and some functions (sigmoid,
+    GELU, softplus, softmax) round differently there; which pixels land in the tail depends on the
+    map size. Blocks of (rows, C, 1, ...) with ``rows`` a multiple of 16 and below the parallel grain
+    size run entirely in the vector path on one thread: the same bits for a pixel in any tile.
+    """
+    b, _, *s = tensors[0].shape
+    nd = len(s)
+    p = b * prod(s)
+    widest = max(t.shape[1] for t in tensors)
+    rows = max(16, (2**14 // max(widest, 1)) // 16 * 16)
+    total = -(-p // rows) * rows
+    flat = []
+    for t in tensors:
+        f = t.movedim(1, -1).reshape(p, t.shape[1])  # (P, C): pixel-major
+        if total > p:
+            f = torch.cat([f, f.new_zeros(total - p, t.shape[1])])
+        flat.append(f)
+    ones = (1,) * nd
+    outs = [fn([f[i:i + rows].view(rows, f.shape[1], *ones) for f in flat]) for i in range(0, total, rows)]
+    out = torch.cat(outs)[:p]  # (P, C_out, 1, ...)
+    return out.reshape(b, *s, out.shape[1]).movedim(-1, 1).contiguous()
+
+
 def crop_to_common(values: Sequence[Value]) -> list[torch.Tensor]:
     """Same layout assumed; cut every sub-image to the shortest (branches of different extent)."""
     sizes = [min(v.t.shape[2 + i] for v in values) for i in range(values[0].t.dim() - 2)]
@@ -191,11 +218,48 @@ class SpatialKernel:
         raise NotImplementedError
 
 
+def deterministic(t: torch.Tensor) -> bool:
+    """float64 on CPU runs the bit-reproducible paths: the same pixel gives the same bits whatever
+    the image or tile size (BLAS blocking and vectorised-loop tails depend on the size)."""
+    return t.dtype == torch.float64 and t.device.type == "cpu"
+
+
+def conv_exact(t: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, r: Factors, groups: int) -> torch.Tensor:
+    """Convolution as a fixed sequence of plain multiplies and adds (one IEEE rounding each), so
+    every output element is computed identically whatever the map size. Differentiable."""
+    nd = t.dim() - 2
+    k = w.shape[2:]
+    size = [n - d * (kk - 1) for n, d, kk in zip(t.shape[2:], r, k)]
+    og, cg = w.shape[0] // groups, w.shape[1]
+    ones = (1,) * nd
+    grad = torch.is_grad_enabled() and (t.requires_grad or w.requires_grad)
+    outs = []
+    for g in range(groups):
+        acc = buf = None
+        for ci in range(cg):
+            x = t[:, g * cg + ci: g * cg + ci + 1]  # (N, 1, *L)
+            for tap in itertools.product(*(range(kk) for kk in k)):
+                window = x[(..., *(slice(j * d, j * d + n) for j, d, n in zip(tap, r, size)))]
+                wv = w[(slice(g * og, (g + 1) * og), ci, *tap)].view(1, og, *ones)
+                if grad or acc is None:
+                    term = window * wv
+                    acc = term if acc is None else acc + term
+                else:  # inference: reuse one buffer, add in place (same roundings)
+                    buf = torch.mul(window, wv, out=buf)
+                    acc.add_(buf)
+        if b is not None:
+            acc = acc + b[g * og:(g + 1) * og].view(1, og, *ones)
+        outs.append(acc)
+    return outs[0] if groups == 1 else torch.cat(outs, 1)
+
+
 class ConvKernel(SpatialKernel):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernel: Factors, groups: int):
         self.weight, self.bias, self.kernel, self.groups = weight, bias, tuple(kernel), groups
 
     def run(self, t, r):
+        if deterministic(t):
+            return conv_exact(t, self.weight, self.bias, r, self.groups)
         return _conv(t.dim() - 2)(t, self.weight, self.bias, 1, 0, r, self.groups)
 
 
@@ -221,6 +285,8 @@ class AvgPoolKernel(SpatialKernel):
             return _avg_pool(nd)(t, self.kernel, 1)
         c = t.shape[1]
         w = torch.full((c, 1, *self.kernel), self.scale, dtype=t.dtype, device=t.device)
+        if deterministic(t):
+            return conv_exact(t, w, None, r, c)
         return _conv(nd)(t, w, None, 1, 0, r, c)
 
 

@@ -160,12 +160,18 @@ def spatial(cv: Converter, node: fx.Node, make: Callable, *, kernel, stride=1, d
     return step, info
 
 
+def _geometry(info: Info) -> tuple:
+    """What must agree for two maps to combine position by position. A 1 x 1 map has one unit at
+    the patch origin whatever its stride, so its stride does not matter."""
+    return info.kind, info.spatial, info.d if any(s > 1 for s in info.spatial) else None
+
+
 def pointwise(cv: Converter, node: fx.Node, fn: Callable, label: str, inplace: Callable | None = None) -> tuple:
     """An op acting on each position separately; several dense inputs must share geometry."""
     ins = cv.dense_inputs(node)
     first = ins[0]
     for other in ins[1:]:
-        if (other.kind, other.spatial, other.d) != (first.kind, first.spatial, first.d):
+        if _geometry(other) != _geometry(first):
             cv.refuse(node, f"combines maps of different geometry ({first.kind} {first.spatial} stride "
                       f"{first.d} vs {other.kind} {other.spatial} stride {other.d}); a per-patch "
                       "broadcast such as squeeze-and-excitation gating has no dense form")
@@ -358,11 +364,14 @@ def _reduction(cv, node, kind: str):
     x = _x(cv, node)
     dim = cv.concrete(_arg(node, 1, "dim"))
     keepdim = cv.concrete(_arg(node, 2, "keepdim", False))
-    rank = 2 + cv.nd
+    rank = 2 + cv.nd if x.kind == "map" else 2
     dims = None if dim is None else {(d + rank if d < 0 else d) for d in _tup_list(dim)}
+    if dims == {1} and keepdim and (x.kind == "map" or x.is_vector):  # over channels: per position
+        return pointwise(cv, node, _call(node, None), f"{kind} over channels")
     if x.kind != "map" or dims != set(range(2, rank)):
-        cv.refuse(node, f"reduces over axes {dim} of the patch tensor; only reducing all spatial axes "
-                  "(global pooling) has a dense form")
+        axes = "all axes" if dim is None else f"axes {dim}"
+        cv.refuse(node, f"reduces over {axes} of the patch tensor; only reducing all spatial axes "
+                  "(global pooling) or the channels (keepdim=True) has a dense form")
     k = x.spatial
     make = {
         "mean": lambda a, kw: AvgPoolKernel(k, 1.0 / prod(k)),
@@ -520,7 +529,7 @@ def _cat(cv, node, _):
     else:
         _norm_dim(cv, node, dim, first)
     for other in infos[1:]:
-        if (other.kind, other.spatial, other.d) != (first.kind, first.spatial, first.d):
+        if _geometry(other) != _geometry(first):
             cv.refuse(node, f"concatenates maps of different geometry ({first.spatial} stride {first.d} vs "
                       f"{other.spatial} stride {other.d})")
     ext = tuple(max(e) for e in zip(*(i.ext for i in infos)))

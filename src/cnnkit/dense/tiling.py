@@ -78,7 +78,7 @@ def run_tiled(core: Callable[[torch.Tensor], torch.Tensor], xp: torch.Tensor, ou
         region = (..., *(slice(s, s + t + p - 1) for s, t, p in zip(starts, tile, patch)))
         y = core(xp[region])
         if out is None:
-            out = y.new_empty((y.shape[0], y.shape[1], *out_size), memory_format=torch.contiguous_format)
+            out = y.new_empty((y.shape[0], y.shape[1], *out_size))
         keep = [min(t, n - s) for s, t, n in zip(starts, tile, out_size)]
         out[(..., *(slice(s, s + k) for s, k in zip(starts, keep)))] = y[(..., *(slice(0, k) for k in keep))]
     assert out is not None and nd == len(tile)
