@@ -91,6 +91,7 @@ class TrainConfig:
     optimizer: str = "adam"  # "adam" or "sgd" (momentum 0.9)
     weight_decay: float = 0.0
     pixels_per_image: int = 0  # dense: size of the error-map mask per image and step; 0 = all pixels
+    images_per_step: int = 1  # dense: images of one size stacked into a batch
     balanced: bool = True  # class-balanced pixel/patch sampling
     batch_size: int = 128  # patches: patches per step
     steps_per_epoch: int = 0  # patches: 0 = one step per image
@@ -124,10 +125,13 @@ def train_patch_classifier(model: nn.Module, patch: int, samples: Sequence[Segme
     for epoch in bar:
         total, count = 0.0, 0
         order = torch.randperm(len(samples), generator=gen).tolist()
-        steps = order if cfg.mode == "dense" or not cfg.steps_per_epoch else range(cfg.steps_per_epoch)
+        if cfg.mode == "dense":
+            steps = _batches(order, samples, cfg.images_per_step)
+        else:
+            steps = range(cfg.steps_per_epoch or len(samples))
         for step in steps:
             if cfg.mode == "dense":
-                loss = _dense_step(dense, samples[step], cfg, gen, device)
+                loss = _dense_step(dense, [samples[i] for i in step], cfg, gen, device)
             else:
                 loss = _patch_step(model, patch, samples, cfg, gen, device)
             opt.zero_grad(set_to_none=True)
@@ -144,13 +148,24 @@ def train_patch_classifier(model: nn.Module, patch: int, samples: Sequence[Segme
     return history
 
 
-def _dense_step(dense, sample: SegmentationSample, cfg: TrainConfig, gen, device) -> torch.Tensor:
-    image = sample.image.to(device)[None]
-    target = sample.target.to(device)[None]
+def _batches(order: list[int], samples, size: int) -> list[list[int]]:
+    """Consecutive images of the same size, up to ``size`` per step (one pass per batch)."""
+    out: list[list[int]] = []
+    for i in order:
+        if out and len(out[-1]) < size and samples[out[-1][0]].image.shape == samples[i].image.shape:
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out
+
+
+def _dense_step(dense, batch: list[SegmentationSample], cfg: TrainConfig, gen, device) -> torch.Tensor:
+    image = torch.stack([s.image for s in batch]).to(device)  # (B, C, H, W)
+    target = torch.stack([s.target for s in batch]).to(device)  # (B, H, W)
     mask = None
     if cfg.pixels_per_image:
         mask = sample_pixel_mask(target, cfg.pixels_per_image, balanced=cfg.balanced, generator=gen)
-    scores = dense(image)  # (1, K, H, W)
+    scores = dense(image)  # (B, K, H, W)
     return dense_loss(scores, target, mask)
 
 
