@@ -194,7 +194,8 @@ def test_branches_of_different_extent_are_cropped():
 
 
 def test_lrn_batchnorm_softmax_and_ceil_mode_without_partial_window():
-    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.LocalResponseNorm(3), LocalResponseNorm(5, convention="paper"),
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.LocalResponseNorm(3),
+                          LocalResponseNorm(5, convention="paper"),
                           nn.BatchNorm2d(6), nn.MaxPool2d(2, 2, ceil_mode=True), nn.Conv2d(6, 4, 3),
                           nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Softmax(dim=1))
     model = _f64(model)

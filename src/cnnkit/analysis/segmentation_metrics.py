@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 
 from cnnkit.data.segmentation import IGNORE_INDEX
 
@@ -72,6 +71,8 @@ class SegmentationMeter:
             out["f1"] = f1_score(self.cm)
             labels = np.concatenate(self._labels) if self._labels else np.zeros(0)
             scores = np.concatenate(self._scores) if self._scores else np.zeros(0)
+            from sklearn.metrics import roc_auc_score  # imported here: sklearn takes seconds to import
+
             both = labels.size and 0 < labels.sum() < labels.size
             out["roc_auc"] = float(roc_auc_score(labels, scores)) if both else float("nan")
         return out

@@ -74,7 +74,8 @@ def decode_mask(path: Path, mode: str = "auto", palette: Sequence[Sequence[int]]
         with Image.open(path) as im:
             im.load()
             pil_mode = im.mode
-            arr = np.asarray(im)
+            # binary masks are grey levels: a palette image (GIF) is read through its palette
+            arr = np.asarray(im.convert("L") if mode == "binary" and im.mode in ("P", "1") else im)
     except OSError as exc:
         raise DataError(f"cannot read mask {path}: {exc}") from None
     if arr.ndim == 3:

@@ -12,18 +12,20 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from cnnkit.dense.ops import preferred_format
 from cnnkit.dense.tiling import pad_image
 from cnnkit.errors import ConfigError
 
 
 def patch_by_patch(model: nn.Module, image: torch.Tensor, patch_size, batch_size: int = 256,
                    border: str = "zeros", pixels: torch.Tensor | None = None,
-                   progress: bool = False) -> torch.Tensor:
+                   progress: bool = False, channels_last: bool = False) -> torch.Tensor:
     """Run ``model`` on the patch around each pixel of ``image`` (N, C, *L).
 
     Returns (N, K, *L); with ``pixels`` (an (M, nd) tensor of positions) only those, as (N, K, M).
     The model runs as it is (call ``model.eval()`` first to compare with a dense net).
-    ``batch_size`` patches go through the model at a time, bounding memory.
+    ``batch_size`` patches go through the model at a time, bounding memory. ``channels_last``
+    hands the model NHWC patches (oneDNN's fast path; the model must not ``view`` its maps).
     """
     nd = image.dim() - 2
     patch = tuple(patch_size) if isinstance(patch_size, (tuple, list)) else (int(patch_size),) * nd
@@ -59,7 +61,9 @@ def patch_by_patch(model: nn.Module, image: torch.Tensor, patch_size, batch_size
     for start in bar:
         sl = slice(start, start + batch_size)
         index = (img_idx[sl], *pos_all[sl].unbind(1))
-        patches = view[index].contiguous()  # (B, C, *P)
+        patches = view[index]  # (B, C, *P), gathered into a new tensor
+        patches = patches.contiguous(memory_format=preferred_format(patches) if channels_last
+                                     else torch.contiguous_format)
         out = model(patches)
         outs.append(out.reshape(out.shape[0], -1))
     scores = torch.cat(outs)  # (N * M, K)

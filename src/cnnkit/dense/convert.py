@@ -89,6 +89,9 @@ class SpatialStep(Step):
         self.label, self.pad, self.pad_value = label, pad, pad_value
         self.chooser: LayoutChooser | None = None
         self.chosen: str | None = None
+        self.macs = 0  # multiply-accumulates per output position (convolutions and FC layers)
+        self.out_ext: Factors = ()  # set by convert(): the output map's extent deficit
+        self.patch_positions = 1  # output positions of this layer in the patch net
 
     def __call__(self, x: Value, *args, **kwargs) -> Value:
         kernel = self.make(args, kwargs)
@@ -164,8 +167,8 @@ class IdentityStep(Step):
 class OriginalStep(Step):
     """Runs the node as the patch net does (values that do not depend on the image)."""
 
-    def __init__(self, node: fx.Node, gm: fx.GraphModule):
-        self.node, self.gm = node, gm
+    def __init__(self, node: fx.Node, root: nn.Module):
+        self.node, self.root = node, root
 
     def __call__(self, *args, **kwargs):
         n = self.node
@@ -174,12 +177,9 @@ class OriginalStep(Step):
         if n.op == "call_method":
             return getattr(args[0], n.target)(*args[1:], **kwargs)
         if n.op == "call_module":
-            return self.gm.get_submodule(n.target)(*args, **kwargs)
+            return self.root.get_submodule(n.target)(*args, **kwargs)
         if n.op == "get_attr":
-            obj = self.gm
-            for part in n.target.split("."):
-                obj = getattr(obj, part)
-            return obj
+            return get_attr(self.root, n.target)
         raise AssertionError(n.op)
 
 
@@ -216,8 +216,8 @@ class Tracer(fx.Tracer):
 
 
 class _Recorder(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule):
-        super().__init__(gm)
+    def __init__(self, root: nn.Module, graph: fx.Graph):
+        super().__init__(root, graph=graph)
         self.values: dict[str, object] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
 
@@ -236,7 +236,7 @@ class Converter:
     model: nn.Module
     patch: Factors
     exact: bool
-    gm: fx.GraphModule = field(init=False)
+    graph: fx.Graph = field(init=False)
     values: dict[str, object] = field(init=False)
     shapes: dict[str, tuple[int, ...]] = field(init=False)
     infos: dict[str, Info] = field(init=False, default_factory=dict)
@@ -250,7 +250,7 @@ class Converter:
             raise UnsupportedLayerError(
                 f"cannot trace {type(self.model).__name__} with torch.fx ({type(exc).__name__}: {exc}); "
                 "write the forward without data-dependent control flow") from None
-        self.gm = fx.GraphModule(self.model, graph)
+        self.graph = graph  # run against the model itself: no GraphModule code generation
         self.rules = rules
 
     @property
@@ -261,15 +261,15 @@ class Converter:
         """The first convolution's input channels (in graph order), or a leading Linear's."""
         import torch.nn.functional as F
 
-        for node in self.gm.graph.nodes:
+        for node in self.graph.nodes:
             if node.op == "call_function" and node.target in (F.conv1d, F.conv2d):
                 w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
                 groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
                 if isinstance(w, fx.Node) and w.op == "get_attr" and isinstance(groups, int):
-                    return self.gm.get_parameter(w.target).shape[1] * groups
+                    return get_attr(self.model, w.target).shape[1] * groups
                 break
             if node.op == "call_module":
-                m = self.gm.get_submodule(node.target)
+                m = self.model.get_submodule(node.target)
                 if isinstance(m, (nn.Conv1d, nn.Conv2d)):
                     return m.in_channels
                 if isinstance(m, nn.Linear) and m.in_features % prod(self.patch) == 0:
@@ -284,7 +284,7 @@ class Converter:
         x = torch.zeros(_SHAPE_BATCH, in_channels, *self.patch, device=device, dtype=dtype)
         modes = {m: m.training for m in self.model.modules()}
         self.model.eval()  # BatchNorm must not update its running statistics here
-        rec = _Recorder(self.gm)
+        rec = _Recorder(self.model, self.graph)
         try:
             with torch.no_grad():
                 rec.run(x)
@@ -330,6 +330,13 @@ class Converter:
         self.refuse(node, f"patch-net output shape {shape} is neither (N, C, *spatial) nor (N, F)")
 
 
+def get_attr(root: nn.Module, target: str):
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 def layer_name(node: fx.Node) -> str:
     if node.op == "call_module":
         return f"{node.target!r}"
@@ -347,10 +354,10 @@ def convert(model: nn.Module, patch: Factors, in_channels: int | None, exact: bo
     cv.run_patch_net(in_channels, device, dtype)
     steps = []
     output_name, output_info = None, None
-    placeholders = [n for n in cv.gm.graph.nodes if n.op == "placeholder"]
+    placeholders = [n for n in cv.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
-        raise UnsupportedLayerError(f"model forward takes {len(placeholders)} inputs; densify needs exactly one")
-    for node in cv.gm.graph.nodes:
+        raise UnsupportedLayerError(f"model forward takes {len(placeholders)} inputs; densify needs one")
+    for node in cv.graph.nodes:
         if node.op == "placeholder":
             cv.infos[node.name] = Info("map", in_channels, patch, (1,) * cv.nd, (0,) * cv.nd)
             continue
@@ -367,6 +374,8 @@ def convert(model: nn.Module, patch: Factors, in_channels: int | None, exact: bo
             continue
         step, info = cv.rules.convert_node(cv, node)
         cv.infos[node.name] = info
+        if isinstance(step, SpatialStep):
+            step.out_ext, step.patch_positions = info.ext, prod(info.spatial)
         steps.append((node, step))
     return cv, steps, output_name, output_info
 

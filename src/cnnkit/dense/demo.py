@@ -78,7 +78,8 @@ def run_pixelwise_demo(out_dir: Path, seed: int = 0) -> dict:
               "per_class_iou": metrics["per_class_iou"], "final_loss": history[-1]["loss"],
               "max_abs_diff_vs_patch_by_patch": diff, "train_seconds": train_seconds,
               "predict_seconds_per_image": predict_seconds / len(test), "picture": str(picture)}
-    log.info("pixelwise demo: pixel accuracy %.3f, mean IoU %.3f", result["pixel_accuracy"], result["mean_iou"])
+    log.info("pixelwise demo: pixel accuracy %.3f, mean IoU %.3f", result["pixel_accuracy"],
+             result["mean_iou"])
     return result
 
 

@@ -224,7 +224,8 @@ def deterministic(t: torch.Tensor) -> bool:
     return t.dtype == torch.float64 and t.device.type == "cpu"
 
 
-def conv_exact(t: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, r: Factors, groups: int) -> torch.Tensor:
+def conv_exact(t: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, r: Factors,
+               groups: int) -> torch.Tensor:
     """Convolution as a fixed sequence of plain multiplies and adds (one IEEE rounding each), so
     every output element is computed identically whatever the map size. Differentiable."""
     nd = t.dim() - 2

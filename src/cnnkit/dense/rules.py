@@ -75,11 +75,11 @@ def register_method(*names: str):
 
 def convert_node(cv: Converter, node: fx.Node) -> tuple:
     if node.op == "get_attr":
-        return OriginalStep(node, cv.gm), AUX
+        return OriginalStep(node, cv.model), AUX
     if not cv.dense_inputs(node):  # does not depend on the image: run as the patch net does
-        return OriginalStep(node, cv.gm), AUX
+        return OriginalStep(node, cv.model), AUX
     if node.op == "call_module":
-        mod = cv.gm.get_submodule(node.target)
+        mod = cv.model.get_submodule(node.target)
         rule = MODULE_RULES.get(type(mod))
         if rule is None:
             cv.refuse(node, f"module type {type(mod).__name__} has no dense rule (it may mix pixels of "
@@ -126,7 +126,7 @@ def _pool_out(s: int, k: int, st: int, p: int, dl: int, ceil: bool) -> int:
 
 
 def spatial(cv: Converter, node: fx.Node, make: Callable, *, kernel, stride=1, dilation=1, padding=0,
-            ceil_mode=False, pad_value=0.0, label: str) -> tuple:
+            ceil_mode=False, pad_value=0.0, label: str, macs: int = 0) -> tuple:
     """A window op (conv, pooling, FC on a map): stride 1, dilation times d, then d times stride."""
     x = _x(cv, node)
     nd = cv.nd
@@ -157,6 +157,7 @@ def spatial(cv: Converter, node: fx.Node, make: Callable, *, kernel, stride=1, d
     step = SpatialStep(node.name, make, tuple(a * b for a, b in zip(x.d, dl)), k,
                        f"{label} {'x'.join(map(str, k))}",
                        pad=tuple(d * pp for d, pp in zip(x.d, p)) if any(p) else (), pad_value=pad_value)
+    step.macs = macs * prod(k)
     return step, info
 
 
@@ -166,7 +167,8 @@ def _geometry(info: Info) -> tuple:
     return info.kind, info.spatial, info.d if any(s > 1 for s in info.spatial) else None
 
 
-def pointwise(cv: Converter, node: fx.Node, fn: Callable, label: str, inplace: Callable | None = None) -> tuple:
+def pointwise(cv: Converter, node: fx.Node, fn: Callable, label: str,
+              inplace: Callable | None = None) -> tuple:
     """An op acting on each position separately; several dense inputs must share geometry."""
     ins = cv.dense_inputs(node)
     first = ins[0]
@@ -219,7 +221,8 @@ def _conv_module(cv, node, m):
         cv.refuse(node, f"{m.padding_mode} padding inside the patch net")
     return spatial(cv, node, lambda a, kw: ConvKernel(m.weight, m.bias, m.kernel_size, m.groups),
                    kernel=m.kernel_size, stride=m.stride, dilation=m.dilation, padding=m.padding,
-                   label=f"conv {m.in_channels}->{m.out_channels}")
+                   label=f"conv {m.in_channels}->{m.out_channels}",
+                   macs=m.out_channels * m.in_channels // m.groups)
 
 
 @register_function(F.conv1d, F.conv2d)
@@ -236,7 +239,7 @@ def _conv_function(cv, node, _):
 
     return spatial(cv, node, make, kernel=tuple(w_shape[2:]), stride=cv.concrete(_arg(node, 3, "stride", 1)),
                    dilation=dil, padding=cv.concrete(_arg(node, 4, "padding", 0)),
-                   label=f"conv {w_shape[1] * groups}->{w_shape[0]}")
+                   label=f"conv {w_shape[1] * groups}->{w_shape[0]}", macs=w_shape[0] * w_shape[1])
 
 
 def linear(cv: Converter, node: fx.Node, weight: Callable, bias: Callable, out_features: int) -> tuple:
@@ -253,6 +256,7 @@ def linear(cv: Converter, node: fx.Node, weight: Callable, bias: Callable, out_f
     dil = x.d if any(v > 1 for v in s) else (1,) * cv.nd
     ext = tuple(e + d * (v - 1) for e, d, v in zip(x.ext, x.d, s))
     step = SpatialStep(node.name, make, dil, s, f"fc->conv {c}x{'x'.join(map(str, s))}->{out_features}")
+    step.macs = out_features * c * prod(s)
     return step, Info("flat", out_features, (1,) * cv.nd, x.d, ext)
 
 
