@@ -330,3 +330,33 @@ def test_cuda_matches_cpu():
         out = densify(model.cuda(), patch, mode=mode)(x.cuda())
         torch.testing.assert_close(out.cpu(), ref, rtol=1e-10, atol=1e-10)
         model.cpu()
+
+
+def test_in_place_never_overwrites_a_map_still_in_use():
+    """relu after a flatten shares storage with the map before it, which the residual still reads."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(1, 3, 3)
+
+        def forward(self, x):
+            y = self.c(x)  # (N, 3, 1, 1) on a 3x3 patch
+            f = torch.relu(y.flatten(1))
+            return f + y.flatten(1)
+
+    model = Net().eval()
+    x = torch.randn(1, 1, 8, 8)
+    with torch.no_grad():
+        out = densify(model, 3)(x)
+        ref = patch_by_patch(model, x, 3)
+    torch.testing.assert_close(out, ref)
+
+
+def test_approximate_ceil_mode_with_partial_window_keeps_the_image_size():
+    model = nn.Sequential(nn.Conv2d(1, 2, 2), nn.MaxPool2d(2, ceil_mode=True), nn.Conv2d(2, 2, 2),
+                          nn.Flatten()).eval()
+    with pytest.raises(UnsupportedLayerError, match="ceil_mode"):
+        densify(model, 4)
+    out = densify(model, 4, exact=False)(torch.randn(2, 1, 9, 7))
+    assert out.shape == (2, 2, 9, 7) and torch.isfinite(out).all()

@@ -28,7 +28,7 @@ from cnnkit.dense.ops import (
     SpatialKernel,
     Value,
     crop_to_common,
-    deterministic,
+    exact_pointwise,
     pixel_chunked,
     preferred_format,
     prod,
@@ -142,7 +142,7 @@ class PointwiseStep(Step):
             a, k = fx.node.map_aggregate((args, kwargs), sub)
             return self.fn(*a, **k)
 
-        if deterministic(tensors[0]):
+        if exact_pointwise(tensors[0]):
             return Value(pixel_chunked(call, tensors), levels)
         return Value(call(tensors), levels)
 
@@ -407,7 +407,7 @@ class DenseCore(nn.Module):
         env: dict[str, object] = {self.input_name: Value(x)}
         grad = torch.is_grad_enabled()
         for (node, step), free, sole in zip(self.steps, self._free, self._sole):
-            if sole and not grad and not deterministic(x):
+            if sole and not grad and not exact_pointwise(x) and self._unshared(env, node, x):
                 env[node.name] = step.run_inplace(env[node.all_input_nodes[0].name])
             else:
                 args = fx.node.map_arg(node.args, lambda n: env[n.name])
@@ -416,3 +416,12 @@ class DenseCore(nn.Module):
             for name in free:
                 del env[name]
         return env[self.output].dense()
+
+    @staticmethod
+    def _unshared(env: dict, node: fx.Node, x: torch.Tensor) -> bool:
+        """Nothing else alive (the image, another map: views after flatten or cropping) shares the
+        storage of the map an in-place step would overwrite."""
+        name = node.all_input_nodes[0].name
+        ptr = env[name].t.untyped_storage().data_ptr()
+        others = [v.t for k, v in env.items() if k != name and isinstance(v, Value)] + [x]
+        return all(t.untyped_storage().data_ptr() != ptr for t in others)

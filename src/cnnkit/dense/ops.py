@@ -218,9 +218,15 @@ class SpatialKernel:
         raise NotImplementedError
 
 
-def deterministic(t: torch.Tensor) -> bool:
-    """float64 on CPU runs the bit-reproducible paths: the same pixel gives the same bits whatever
-    the image or tile size (BLAS blocking and vectorised-loop tails depend on the size)."""
+def exact_conv(t: torch.Tensor) -> bool:
+    """float64 runs bit-reproducible convolutions: the same pixel gives the same bits whatever the
+    image or tile size (BLAS blocking and cuDNN's algorithm choice depend on the size)."""
+    return t.dtype == torch.float64
+
+
+def exact_pointwise(t: torch.Tensor) -> bool:
+    """float64 on CPU runs elementwise functions in fixed pixel blocks (see ``pixel_chunked``);
+    on CUDA every element runs the same code already."""
     return t.dtype == torch.float64 and t.device.type == "cpu"
 
 
@@ -259,7 +265,7 @@ class ConvKernel(SpatialKernel):
         self.weight, self.bias, self.kernel, self.groups = weight, bias, tuple(kernel), groups
 
     def run(self, t, r):
-        if deterministic(t):
+        if exact_conv(t):
             return conv_exact(t, self.weight, self.bias, r, self.groups)
         return _conv(t.dim() - 2)(t, self.weight, self.bias, 1, 0, r, self.groups)
 
@@ -286,7 +292,7 @@ class AvgPoolKernel(SpatialKernel):
             return _avg_pool(nd)(t, self.kernel, 1)
         c = t.shape[1]
         w = torch.full((c, 1, *self.kernel), self.scale, dtype=t.dtype, device=t.device)
-        if deterministic(t):
+        if exact_conv(t):
             return conv_exact(t, w, None, r, c)
         return _conv(nd)(t, w, None, 1, 0, r, c)
 
