@@ -105,3 +105,15 @@ def test_bad_input_gives_one_error_line(checkpoint, data_dir, tmp_path, capsys):
                                        "--out", str(tmp_path / "x.safetensors")], capsys)
     assert "--size" in _error(["densify", "--size", "big"], capsys)
     assert "patch net" in _error(["densify", "--net", "vgg"], capsys)
+    assert "cannot take a 1-channel 40x40 patch" in _error(["densify", "--net", "membrane", "--patch", "40"],
+                                                          capsys)
+
+
+def test_unsupported_layer_is_one_error_line(monkeypatch, capsys):
+    from torch import nn
+
+    from cnnkit.dense import nets
+
+    padded = lambda: (nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Conv2d(2, 2, 5), nn.Flatten()), 5)  # noqa: E731
+    monkeypatch.setitem(nets.NETS, "padded", padded)
+    assert "layer '0': zero padding inside the patch net" in _error(["densify", "--net", "padded"], capsys)

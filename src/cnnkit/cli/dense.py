@@ -67,6 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "layout) and, with --check, compare it with patch-by-patch on random pixels.")
     de.add_argument("--net", default="toy", help="toy, descriptor, membrane or segment (default toy)")
     de.add_argument("--checkpoint", default=None, help="a `cnnkit segment train` checkpoint instead of --net")
+    de.add_argument("--patch", type=int, default=None, help="patch size (default: the net's own)")
     de.add_argument("--check", action="store_true", help="verify random pixels against patch-by-patch")
     de.add_argument("--size", default="64x64", help="test image HxW (default 64x64)")
     de.add_argument("--pixels", type=int, default=200, help="pixels to verify (default 200)")
@@ -276,6 +277,7 @@ def run_densify(args) -> int:
         model.to(device).eval()
         name = f"{args.net} net"
     size = _size(args.size)
+    patch = args.patch or patch
     dense = densify(model, patch, border=args.border, mode=args.mode)
     c = dense.in_channels
     x = torch.randn(1, c, *size, device=device)

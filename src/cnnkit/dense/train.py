@@ -143,7 +143,7 @@ def train_patch_classifier(model: nn.Module, patch: int, samples: Sequence[Segme
             count += 1
         history.append({"epoch": epoch + 1, "loss": total / max(count, 1)})
         bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
-        log.debug("epoch %d loss %.4f", epoch + 1, history[-1]["loss"])
+        log.info("epoch %d/%d: loss %.4f", epoch + 1, cfg.epochs, history[-1]["loss"])
     model.eval()
     return history
 
