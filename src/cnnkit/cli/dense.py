@@ -42,6 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
     tr.add_argument("--pixels-per-image", type=int, default=0,
                     help="dense: train on this many class-balanced pixels per image and step (0 = all)")
+    tr.add_argument("--images-per-step", type=int, default=1, help="dense: same-size images per step")
     tr.add_argument("--batch-size", type=int, default=128, help="patches: patches per step")
     tr.add_argument("--steps-per-epoch", type=int, default=0, help="patches: steps per epoch (0 = images)")
     tr.add_argument("--border", choices=("zeros", "reflect", "replicate"), default="reflect")
@@ -130,7 +131,8 @@ def run_train(args) -> int:
     _normalise(samples, mean, std)
     ensure_writable_dir(Path(args.out).parent)
     cfg = TrainConfig(mode=args.mode, epochs=args.epochs, lr=args.lr, optimizer=args.optimizer,
-                      pixels_per_image=args.pixels_per_image, batch_size=args.batch_size,
+                      pixels_per_image=args.pixels_per_image, images_per_step=args.images_per_step,
+                      batch_size=args.batch_size,
                       steps_per_epoch=args.steps_per_epoch, border=args.border, seed=args.seed)
     print(f"training {args.net} net ({sum(p.numel() for p in model.parameters())} parameters, "
           f"patch {patch}) on {len(samples)} images, {num_classes} classes, mode {args.mode}")

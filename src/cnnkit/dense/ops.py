@@ -113,11 +113,7 @@ class Value:
 
     @property
     def factor(self) -> Factors:
-        nd = self.t.dim() - 2
-        out = [1] * nd
-        for lv in self.levels:
-            out = [a * b for a, b in zip(out, lv)]
-        return tuple(out)
+        return _factor(self.levels, self.t.dim() - 2)
 
     @property
     def batch(self) -> int:
@@ -358,7 +354,7 @@ class LayoutChooser:
         if len(options) == 1:
             return options[0]
         t = value.t
-        ck = (key, value.levels, t.shape[1], t.dtype, t.device.type, torch.is_autocast_enabled())
+        ck = (key, value.levels, t.shape[1], t.dtype, t.device.type, torch.is_autocast_enabled(t.device.type))
         if ck not in self.cache:
             ext = tuple(k * d - d for k, d in zip(kernel.kernel, dilation))
             self.cache[ck] = self._measure(kernel, _proxy(value, ext), options)
