@@ -1,0 +1,181 @@
+"""Dense pixelwise classification vs patch-by-patch (Li, Zhao, Wang arXiv:1412.4526).
+
+For the lecture's toy net, the Simo-Serra descriptor net (64x64 patches, as in Bailer et al.) and a
+Ciresan-style membrane net (65x65), on 256x256, 512x512 and 1080x720 images:
+
+- dense time (median of repetitions, after one warm-up call that also picks the layouts);
+- patch-by-patch time, measured on a random subset of pixels and scaled to all pixels;
+- speedup, and the FLOP ratio of the two methods (the speedup's limit);
+- the dense net's achieved GFLOP/s next to fp32 matrix-multiply GFLOP/s measured in the same run;
+- peak memory (resident-set high-water mark above the process's state before the dense call,
+  one fresh subprocess per configuration; torch.cuda.max_memory_allocated on CUDA), untiled and
+  tiled with --max-memory;
+- the max abs difference between the dense output and patch-by-patch on the subset.
+
+FLOPs count the convolutions and FC layers (2 x multiply-accumulates). Run from the repository
+root: `python benchmarks/dense.py [--quick]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+NETS = ("toy", "descriptor", "membrane")
+SIZES = ("256x256", "512x512", "1080x720")  # W x H
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _median_time(fn, reps: int, device) -> float:
+    times = []
+    for _ in range(reps):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def matmul_gflops(device, reps: int) -> float:
+    n = 2048
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a @ b
+    return 2 * n**3 / _median_time(lambda: a @ b, reps, device) / 1e9
+
+
+def one(args) -> dict:
+    """Runs in a fresh process: one net, one size, one memory setting."""
+    from cnnkit.dense import densify, patch_by_patch
+    from cnnkit.dense.nets import build
+
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    model, patch = build(args.net)
+    model.to(device).eval()
+    w, h = (int(v) for v in args.size.split("x"))
+    max_memory = int(args.max_memory) if args.max_memory else None
+    dense = densify(model, patch, mode=args.mode, max_memory=max_memory)
+    x = torch.randn(1, dense.in_channels, h, w, device=device)
+    result = {"net": args.net, "size": args.size, "tiled": bool(max_memory),
+              "threads": torch.get_num_threads()}
+    with torch.no_grad():
+        # dense first, so that the high-water mark above `base` is the dense net's alone
+        base = _rss_mb()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        y = dense(x)  # warm-up: layouts are timed and chosen here
+        result["dense_seconds"] = _median_time(lambda: dense(x), args.reps, device)
+        result["peak_mb"] = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
+                             else _rss_mb() - base)
+        result["matmul_gflops"] = matmul_gflops(device, args.reps)
+        if not max_memory:
+            # patch-by-patch on a random subset of pixels, scaled to all pixels
+            gen = torch.Generator().manual_seed(1)
+            flat = torch.randperm(h * w, generator=gen)[: args.pixels]
+            pos = torch.stack([flat // w, flat % w], 1)
+            patch_by_patch(model, x, patch, pixels=pos[:64], channels_last=True)  # warm-up
+            t = _median_time(lambda: patch_by_patch(model, x, patch, pixels=pos, channels_last=True),
+                             args.patch_reps, device)
+            result["patch_seconds_subset"] = t
+            result["patch_seconds"] = t * h * w / len(pos)
+            ref = patch_by_patch(model, x, patch, pixels=pos)
+            result["max_abs_diff"] = (y[0][:, pos[:, 0], pos[:, 1]] - ref[0]).abs().max().item()
+    flops = 2 * dense.macs((h, w))
+    result["dense_gflops"] = flops / result["dense_seconds"] / 1e9
+    result["flop_ratio"] = 2 * dense.patch_macs() * h * w / flops
+    result["layouts"] = [r["layout"] for r in dense.layers() if "layout" in r]
+    if "patch_seconds" in result:
+        result["speedup"] = result["patch_seconds"] / result["dense_seconds"]
+    return result
+
+
+def run_subprocess(net: str, size: str, args, max_memory: float | None) -> dict:
+    cmd = [sys.executable, __file__, "--one", "--net", net, "--size", size, "--reps", str(args.reps),
+           "--patch-reps", str(args.patch_reps), "--pixels", str(args.pixels), "--mode", args.mode,
+           "--device", args.device, "--max-memory", str(int(max_memory or 0))]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, ["src", os.environ.get("PYTHONPATH")])))
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if out.returncode != 0:
+        raise SystemExit(f"benchmark {net} {size} failed:\n{out.stderr}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="descriptor net at 256x256 and 1080x720 only, fewer repetitions")
+    p.add_argument("--nets", default=",".join(NETS))
+    p.add_argument("--sizes", default=",".join(SIZES), help="W x H list")
+    p.add_argument("--pixels", type=int, default=2000, help="patch-by-patch subset (default 2000)")
+    p.add_argument("--reps", type=int, default=3, help="dense repetitions (median)")
+    p.add_argument("--patch-reps", type=int, default=3, help="patch-by-patch repetitions (median)")
+    p.add_argument("--mode", default="auto", choices=("auto", "dilated", "space_to_batch"))
+    p.add_argument("--max-memory", type=float, default=1e9, help="tiled runs: bytes (default 1e9)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--net", help=argparse.SUPPRESS)
+    p.add_argument("--size", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.one:
+        print(json.dumps(one(args)))
+        return
+    nets, sizes = args.nets.split(","), args.sizes.split(",")
+    if args.quick:
+        nets, sizes = ["descriptor"], ["256x256", "1080x720"]
+        args.reps, args.patch_reps = 2, 1
+    print(f"dense vs patch-by-patch on {args.device} ({torch.get_num_threads()} threads), mode={args.mode}. "
+          f"Patch-by-patch is measured on {args.pixels} random pixels and scaled to all pixels. "
+          "FLOPs: convolutions and FC layers.")
+    head = (f"{'net':<11}{'image':>9}{'dense s':>9}{'patch s':>10}{'speedup':>9}{'FLOP ratio':>11}"
+            f"{'dense GF/s':>11}{'matmul GF/s':>12}{'peak MB':>9}{'tiled MB':>9}{'tiled s':>8}"
+            f"{'max diff':>10}")
+    print(head)
+    rows = []
+    for net in nets:
+        for size in sizes:
+            r = run_subprocess(net, size, args, None)
+            tiled = run_subprocess(net, size, args, args.max_memory) if args.max_memory else None
+            r["tiled_peak_mb"] = tiled["peak_mb"] if tiled else None
+            r["tiled_seconds"] = tiled["dense_seconds"] if tiled else None
+            rows.append(r)
+            print(f"{net:<11}{size:>9}{r['dense_seconds']:>9.3f}{r['patch_seconds']:>10.1f}"
+                  f"{r['speedup']:>9.1f}"
+                  f"{r['flop_ratio']:>11.1f}{r['dense_gflops']:>11.1f}{r['matmul_gflops']:>12.1f}"
+                  f"{r['peak_mb']:>9.0f}{(r['tiled_peak_mb'] or 0):>9.0f}{(r['tiled_seconds'] or 0):>8.2f}"
+                  f"{r['max_abs_diff']:>10.2e}", flush=True)
+    for r in rows:
+        print(f"  {r['net']} {r['size']}: layouts {', '.join(r['layouts'])}")
+    target = next((r for r in rows if r["net"] == "descriptor" and r["size"] == "1080x720"), None)
+    if target:
+        checks = [
+            ("speedup >= 0.7 x FLOP ratio", target["speedup"] >= 0.7 * target["flop_ratio"],
+             f"{target['speedup']:.1f} vs {0.7 * target['flop_ratio']:.1f}"),
+            ("dense GFLOP/s >= 0.5 x matmul", target["dense_gflops"] >= 0.5 * target["matmul_gflops"],
+             f"{target['dense_gflops']:.1f} vs {0.5 * target['matmul_gflops']:.1f}"),
+            ("tiled peak < 2 GB", target["tiled_peak_mb"] is not None and target["tiled_peak_mb"] < 2048,
+             f"{target['tiled_peak_mb']:.0f} MB"),
+        ]
+        print("descriptor net at 1080x720:")
+        for name, ok, detail in checks:
+            print(f"  {'PASS' if ok else 'FAIL'}  {name}: {detail}")
+
+
+if __name__ == "__main__":
+    main()

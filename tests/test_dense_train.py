@@ -1,0 +1,99 @@
+"""Dense training: one backward pass over the dense output equals summing per-patch gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cnnkit.data.segmentation import IGNORE_INDEX, generate_textured_shapes
+from cnnkit.dense import densify, patch_by_patch
+from cnnkit.dense.checkpoint import load_segmenter, save_segmenter
+from cnnkit.dense.nets import segment_net
+from cnnkit.dense.train import TrainConfig, dense_loss, sample_pixel_mask, train_patch_classifier
+from cnnkit.errors import CheckpointError, ConfigError
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_masked_dense_loss_gradient_equals_sum_of_patch_gradients():
+    """The paper's error-map mask: only selected pixels contribute; the gradient of the summed
+    dense loss equals the sum of the per-patch cross-entropy gradients at those pixels."""
+    torch.manual_seed(0)
+    model, patch = segment_net(in_channels=2, num_classes=3, width=2, patch=18)
+    model = model.double().eval()
+    x = torch.randn(2, 2, 7, 6, dtype=torch.float64)
+    target = torch.randint(0, 3, (2, 7, 6))
+    target[0, 0, :3] = IGNORE_INDEX
+    mask = torch.rand(2, 7, 6) < 0.5
+
+    dense = densify(model, patch, border="replicate")
+    params = list(model.parameters())
+    g_dense = torch.autograd.grad(dense_loss(dense(x), target, mask, reduction="sum"), params)
+
+    use = mask & (target != IGNORE_INDEX)
+    n_idx, i_idx, j_idx = use.nonzero().unbind(1)
+    total = 0
+    for n in range(2):  # the slow twin: each selected pixel's patch through the patch net
+        sel = n_idx == n
+        pos = torch.stack([i_idx[sel], j_idx[sel]], 1)
+        scores = patch_by_patch(model, x[n:n + 1], patch, border="replicate", pixels=pos)[0].T  # (M, K)
+        total = total + F.cross_entropy(scores, target[n][pos[:, 0], pos[:, 1]], reduction="sum")
+    g_patch = torch.autograd.grad(total, params)
+    for a, b in zip(g_dense, g_patch):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_dense_loss_checks_shapes_and_means():
+    scores = torch.randn(1, 3, 4, 5)
+    target = torch.randint(0, 3, (1, 4, 5))
+    with pytest.raises(ConfigError, match="mask of shape"):
+        dense_loss(scores, target, torch.ones(4, 4))
+    with pytest.raises(ConfigError, match="target of shape"):
+        dense_loss(scores, target[:, :3])
+    ref = F.cross_entropy(scores, target)
+    torch.testing.assert_close(dense_loss(scores, target), ref)
+    torch.testing.assert_close(dense_loss(scores, target, torch.ones(4, 5)), ref)
+
+
+def test_sample_pixel_mask_is_balanced_and_skips_ignored():
+    target = torch.zeros(20, 20, dtype=torch.long)
+    target[:2, :5] = 1  # 10 positives among 400
+    target[10:] = IGNORE_INDEX
+    mask = sample_pixel_mask(target, 20, generator=torch.Generator().manual_seed(0))
+    assert mask.sum() == 20
+    assert (target[mask] == 1).sum() == 10 and (target[mask] == 0).sum() == 10
+    assert not (target[mask] == IGNORE_INDEX).any()
+
+
+@pytest.mark.parametrize("mode", ["dense", "patches"])
+def test_training_learns_the_generated_task(mode):
+    torch.manual_seed(0)
+    samples = generate_textured_shapes(6, size=32, seed=1)
+    model, patch = segment_net(3, 3, width=4, patch=18)
+    cfg = TrainConfig(mode=mode, epochs=3, lr=3e-3, batch_size=64, steps_per_epoch=8, seed=0)
+    hist = train_patch_classifier(model, patch, samples, cfg)
+    assert len(hist) == 3 and hist[-1]["loss"] < hist[0]["loss"]
+
+
+def test_checkpoint_roundtrip_and_errors(tmp_path):
+    model, patch = segment_net(1, 2, width=2, patch=16)
+    path = save_segmenter(tmp_path / "m.safetensors", model,
+                          {"net": "segment", "net_args": {"in_channels": 1, "num_classes": 2, "width": 2,
+                                                          "patch": 16}, "patch": patch})
+    loaded, meta = load_segmenter(path)
+    assert meta["patch"] == 16 and meta["format"] == "cnnkit-segment"
+    for a, b in zip(model.state_dict().values(), loaded.state_dict().values()):
+        assert torch.equal(a, b)
+    (tmp_path / "bad.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError):
+        load_segmenter(tmp_path / "bad.safetensors")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_segmenter(tmp_path / "missing.safetensors")
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporary files
