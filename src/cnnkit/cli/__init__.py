@@ -15,6 +15,9 @@ from cnnkit.errors import CnnkitError
 
 # Modules that define subcommands, in the order `cnnkit --help` lists them. Each has
 # ``register(subparsers)`` that adds parsers with ``set_defaults(func=...)``.
+COMMAND_MODULES = [
+    "cnnkit.cli.demo",
+    "cnnkit.cli.train",
     "cnnkit.cli.augment",
     "cnnkit.cli.zoo",
     "cnnkit.cli.dense",
