@@ -201,4 +201,4 @@ def channel_dim(cv: Converter, node: fx.Node, dim, x: Info) -> int:
 
 
 # the rule tables are filled by importing these (they import the helpers above)
-from cnnkit.dense import rules_pointwise, rules_window  # noqa: E402, F401
+from cnnkit.dense import rules_cnnkit, rules_pointwise, rules_window  # noqa: E402, F401
