@@ -14,15 +14,6 @@ from cnnkit.errors import ConfigError, UnsupportedLayerError
 from cnnkit.layers.lrn import LocalResponseNorm
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: OpenMP hand-offs between threads cost more than the work (25x on 2 cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _f64(model: nn.Module) -> nn.Module:
     torch.manual_seed(0)
     for p in model.parameters():

@@ -18,16 +18,6 @@ from torch import nn
 
 from cnnkit.dense import densify, patch_by_patch
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: OpenMP hand-offs between threads cost more than the work (25x on 2 cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 CONV = {1: nn.Conv1d, 2: nn.Conv2d}
 MAXP = {1: nn.MaxPool1d, 2: nn.MaxPool2d}
 AVGP = {1: nn.AvgPool1d, 2: nn.AvgPool2d}

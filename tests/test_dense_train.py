@@ -14,14 +14,6 @@ from cnnkit.dense.train import TrainConfig, dense_loss, sample_pixel_mask, train
 from cnnkit.errors import CheckpointError, ConfigError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_masked_dense_loss_gradient_equals_sum_of_patch_gradients():
     """The paper's error-map mask: only selected pixels contribute; the gradient of the summed
     dense loss equals the sum of the per-patch cross-entropy gradients at those pixels."""

@@ -3,7 +3,6 @@
 import csv
 import json
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -27,29 +26,6 @@ from cnnkit.train.checkpoint import load_checkpoint
 
 TINY = {"channels": [4, 8], "fc_width": 16}
 CLASSES = [str(i) for i in range(10)]
-
-
-
-def write_tiny_idx(folder, per_class=16, val_per_class=6):
-    """A small MNIST-format copy of scikit-learn's digits (its own t10k split), fast to train on."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    folder.mkdir(parents=True, exist_ok=True)
-    train, val = [], []
-    for c in range(10):
-        idx = np.flatnonzero(digits.target == c)
-        train += idx[:per_class].tolist()
-        val += idx[per_class:per_class + val_per_class].tolist()
-    for prefix, idx in (("train", train), ("t10k", val)):
-        images = np.clip(digits.images[idx] * 16, 0, 255).astype(np.uint8)  # (N, 8, 8)
-        labels = digits.target[idx].astype(np.uint8)
-        (folder / f"{prefix}-images-idx3-ubyte").write_bytes(
-            bytes([0, 0, 8, 3]) + np.array(images.shape, ">u4").tobytes() + images.tobytes())
-        (folder / f"{prefix}-labels-idx1-ubyte").write_bytes(
-            bytes([0, 0, 8, 1]) + np.array(labels.shape, ">u4").tobytes() + labels.tobytes())
-    return str(folder)
-
 
 # --------------------------------------------------------------------------- class splits
 
@@ -171,8 +147,8 @@ def test_transplant_refuses_the_output_layer():
 
 
 @pytest.mark.slow
-def test_study_table_plot_frozen_cells_and_resume(tmp_path, monkeypatch):
-    data = write_tiny_idx(tmp_path / "tiny")
+def test_study_table_plot_frozen_cells_and_resume(tmp_path, monkeypatch, tiny_idx):
+    data = tiny_idx(tmp_path / "tiny", per_class=16, val_per_class=6)
     trainings, pending = [], {}
     interrupt_at = [6]
     real_train, real_transplant = transfer.train_network, transfer.transplant
