@@ -53,17 +53,25 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def matmul_gflops(device, reps: int) -> float:
-    n = 2048
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+def matmul_rate(a: torch.Tensor, b: torch.Tensor, seconds: float, device) -> float:
+    """fp32 GFLOP/s of 2048 x 2048 products sustained for about ``seconds`` (at least 3)."""
+    n = a.shape[0]
     a @ b
-    return 2 * n**3 / _median_time(lambda: a @ b, reps, device) / 1e9
+    count, start = 0, time.perf_counter()
+    while count < 3 or time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+        _sync(device)
+    return 2 * n**3 * count / (time.perf_counter() - start) / 1e9
 
 
 def one(args) -> dict:
     """Runs in a fresh process: one net, one size, one memory setting."""
     from cnnkit.dense import densify, patch_by_patch
+    from cnnkit.dense.allocator import retain_freed_memory
     from cnnkit.dense.nets import build
+
+    retained = retain_freed_memory() if not args.default_malloc else False
 
     torch.manual_seed(0)
     device = torch.device(args.device)
@@ -74,28 +82,35 @@ def one(args) -> dict:
     dense = densify(model, patch, mode=args.mode, max_memory=max_memory)
     x = torch.randn(1, dense.in_channels, h, w, device=device)
     result = {"net": args.net, "size": args.size, "tiled": bool(max_memory),
-              "threads": torch.get_num_threads()}
+              "threads": torch.get_num_threads(), "retained_malloc": retained}
+    a, b = torch.randn(2048, 2048, device=device), torch.randn(2048, 2048, device=device)
     with torch.no_grad():
         # dense first, so that the high-water mark above `base` is the dense net's alone
         base = _rss_mb()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         y = dense(x)  # warm-up: layouts are timed and chosen here
-        result["dense_seconds"] = _median_time(lambda: dense(x), args.reps, device)
+        dense_times, mm_rates = [], []
+        for _ in range(args.reps):  # interleaved, so both see the same load on a shared machine
+            dense_times.append(_median_time(lambda: dense(x), 1, device))
+            mm_rates.append(matmul_rate(a, b, dense_times[-1], device))
+        result["dense_seconds"] = statistics.median(dense_times)
+        result["matmul_gflops"] = statistics.median(mm_rates)
         result["peak_mb"] = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
                              else _rss_mb() - base)
-        result["matmul_gflops"] = matmul_gflops(device, args.reps)
         if not max_memory:
             # patch-by-patch on a random subset of pixels, scaled to all pixels
             gen = torch.Generator().manual_seed(1)
             flat = torch.randperm(h * w, generator=gen)[: args.pixels]
             pos = torch.stack([flat // w, flat % w], 1)
+            def baseline():
+                return patch_by_patch(model, x, patch, pixels=pos, batch_size=512, channels_last=True)
+
             patch_by_patch(model, x, patch, pixels=pos[:64], channels_last=True)  # warm-up
-            t = _median_time(lambda: patch_by_patch(model, x, patch, pixels=pos, channels_last=True),
-                             args.patch_reps, device)
+            t = _median_time(baseline, args.patch_reps, device)
             result["patch_seconds_subset"] = t
             result["patch_seconds"] = t * h * w / len(pos)
-            ref = patch_by_patch(model, x, patch, pixels=pos)
+            ref = baseline()
             result["max_abs_diff"] = (y[0][:, pos[:, 0], pos[:, 1]] - ref[0]).abs().max().item()
     flops = 2 * dense.macs((h, w))
     result["dense_gflops"] = flops / result["dense_seconds"] / 1e9
@@ -110,6 +125,8 @@ def run_subprocess(net: str, size: str, args, max_memory: float | None) -> dict:
     cmd = [sys.executable, __file__, "--one", "--net", net, "--size", size, "--reps", str(args.reps),
            "--patch-reps", str(args.patch_reps), "--pixels", str(args.pixels), "--mode", args.mode,
            "--device", args.device, "--max-memory", str(int(max_memory or 0))]
+    if args.default_malloc:
+        cmd.append("--default-malloc")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, ["src", os.environ.get("PYTHONPATH")])))
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if out.returncode != 0:
@@ -129,6 +146,8 @@ def main() -> None:
     p.add_argument("--mode", default="auto", choices=("auto", "dilated", "space_to_batch"))
     p.add_argument("--max-memory", type=float, default=1e9, help="tiled runs: bytes (default 1e9)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="leave glibc malloc as it is (default: keep freed memory, see dense/allocator.py)")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--net", help=argparse.SUPPRESS)
     p.add_argument("--size", help=argparse.SUPPRESS)
@@ -140,9 +159,12 @@ def main() -> None:
     if args.quick:
         nets, sizes = ["descriptor"], ["256x256", "1080x720"]
         args.reps, args.patch_reps = 2, 1
-    print(f"dense vs patch-by-patch on {args.device} ({torch.get_num_threads()} threads), mode={args.mode}. "
-          f"Patch-by-patch is measured on {args.pixels} random pixels and scaled to all pixels. "
-          "FLOPs: convolutions and FC layers.")
+    malloc = ("default glibc malloc" if args.default_malloc
+              else "malloc keeps freed memory (cnnkit/dense/allocator.py)")
+    print(f"dense vs patch-by-patch on {args.device} ({torch.get_num_threads()} threads), mode={args.mode}, "
+          f"{malloc}. Patch-by-patch is measured on {args.pixels} random pixels and scaled to all "
+          "pixels; matmul GF/s is sustained between the dense repetitions. FLOPs: convolutions and "
+          "FC layers (2 x MACs).")
     head = (f"{'net':<11}{'image':>9}{'dense s':>9}{'patch s':>10}{'speedup':>9}{'FLOP ratio':>11}"
             f"{'dense GF/s':>11}{'matmul GF/s':>12}{'peak MB':>9}{'tiled MB':>9}{'tiled s':>8}"
             f"{'max diff':>10}")

@@ -89,3 +89,19 @@ def test_checkpoint_roundtrip_and_errors(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_segmenter(tmp_path / "missing.safetensors")
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporary files
+
+
+@pytest.mark.parametrize("mode", ["dilated", "space_to_batch"])
+def test_float32_fast_path_gradients(mode):
+    """float64 runs the reproducible convolution; float32 runs oneDNN in both layouts: its
+    backward pass must give the per-patch gradient sum too (to float32 accuracy)."""
+    torch.manual_seed(1)
+    model, patch = segment_net(in_channels=1, num_classes=2, width=3, patch=16)
+    model.eval()
+    x = torch.randn(2, 1, 9, 10)
+    w = torch.randn(2, 2, 9, 10)
+    params = list(model.parameters())
+    g_dense = torch.autograd.grad((densify(model, patch, mode=mode)(x) * w).sum(), params)
+    g_patch = torch.autograd.grad((patch_by_patch(model, x, patch) * w).sum(), params)
+    for a, b in zip(g_dense, g_patch):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4 * b.abs().max().item())

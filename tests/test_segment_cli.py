@@ -12,6 +12,14 @@ from cnnkit.cli import main
 from cnnkit.data.segmentation import generate_textured_shapes
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _default_malloc():
+    """The command tunes glibc malloc for its own process; leave pytest's alone."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("cnnkit.cli.dense.retain_freed_memory", lambda: False)
+        yield
+
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     """A folder dataset written from the generated default: images/*.png and masks/*.png."""

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from cnnkit.dense.allocator import retain_freed_memory
 from cnnkit.errors import ConfigError, DataError
 from cnnkit.utils import atomic_path, ensure_writable_dir, resolve_device, seed_everything, write_json_atomic
 
@@ -108,6 +109,7 @@ def run_train(args) -> int:
     from cnnkit.dense.checkpoint import save_segmenter
     from cnnkit.dense.train import TrainConfig, train_patch_classifier
 
+    retain_freed_memory()  # full-resolution maps: reuse pages (see cnnkit.dense.allocator)
     seed_everything(args.seed)
     device = resolve_device(args.device)
     if args.data == "generated":
@@ -189,6 +191,7 @@ def run_predict(args) -> int:
     from cnnkit.dense import densify
     from cnnkit.dense.checkpoint import load_segmenter
 
+    retain_freed_memory()  # full-resolution maps: reuse pages (see cnnkit.dense.allocator)
     device = resolve_device(args.device)
     model, meta = load_segmenter(args.checkpoint, device)
     files = _image_files(args.images)
@@ -269,6 +272,7 @@ def run_densify(args) -> int:
     from cnnkit.dense import densify, nets, patch_by_patch
     from cnnkit.dense.checkpoint import load_segmenter
 
+    retain_freed_memory()  # full-resolution maps: reuse pages (see cnnkit.dense.allocator)
     seed_everything(args.seed)
     device = resolve_device(args.device)
     if args.checkpoint:
