@@ -99,6 +99,19 @@ def test_tiling_bit_for_bit_with_transcendental_activations():
         assert torch.equal(dense(x), full), tile
 
 
+def test_tiles_are_balanced_and_macs_are_exact():
+    model, patch = descriptor_net()
+    dense = densify(model.eval(), patch, tile_size=504)
+    assert dense.tile_for((720, 1080), 4) == (360, 360)  # 2 x 3 equal tiles, not 504 + 216
+    assert dense.tile_for((300, 300), 4) is None
+    # conv1 58^2 x 7*7*32, conv2 24^2 x 6*6*32*64, conv3 4^2 x 5*5*64*128 multiply-adds per patch
+    assert dense.patch_macs() == 5_274_752 + 42_467_328 + 3_276_800
+    h, w = 10, 12  # dense maps keep the patch's border: (H + 63 - extent) x (W + 63 - extent)
+    expect = ((h + 57) * (w + 57) * 1568 + (h + 57 - 11) * (w + 57 - 11) * 73728
+              + (h + 57 - 11 - 4 - 24) * (w + 57 - 11 - 4 - 24) * 204800)
+    assert dense.macs((h, w)) == expect
+
+
 def test_max_memory_too_small_is_refused():
     model, patch = toy_net()
     with pytest.raises(ConfigError, match="max_memory"):

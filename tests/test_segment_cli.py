@@ -24,12 +24,15 @@ def _default_malloc():
 def data_dir(tmp_path_factory):
     """A folder dataset written from the generated default: images/*.png and masks/*.png."""
     root = tmp_path_factory.mktemp("seg")
-    (root / "images").mkdir()
-    (root / "masks").mkdir()
+    for sub in ("images", "masks", "fov"):
+        (root / sub).mkdir()
+    fov = np.zeros((40, 40), np.uint8)
+    fov[5:35, 5:35] = 255
     for s in generate_textured_shapes(3, size=40, seed=5):
         Image.fromarray((s.image.numpy().transpose(1, 2, 0) * 255).astype(np.uint8)).save(
             root / "images" / f"{s.name}.png")
         Image.fromarray(s.target.numpy().astype(np.uint8)).save(root / "masks" / f"{s.name}.png")
+        Image.fromarray(fov).save(root / "fov" / f"{s.name}_fov.png")
     return root
 
 
@@ -66,6 +69,11 @@ def test_predict_writes_labels_probabilities_overlays(checkpoint, data_dir, tmp_
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0 <= metrics["mean_iou"] <= 1
     assert "mean_iou" in capsys.readouterr().out
+    # scored inside a valid region only: a different pixel count, so (almost surely) other scores
+    rc = main(["segment", "predict", str(checkpoint), str(data_dir / "images"), "--out", str(out / "fov"),
+               "--masks", str(data_dir / "masks"), "--valid", str(data_dir / "fov")])
+    inside = json.loads((out / "fov" / "metrics.json").read_text())
+    assert rc == 0 and inside != metrics
 
 
 def test_densify_check_prints_layers_and_difference(capsys):
