@@ -7,6 +7,7 @@ import torch
 
 from cnnkit.errors import ConfigError
 from cnnkit.layers import LocalContrastNorm1d, LocalContrastNorm2d, gaussian_window, local_contrast_norm
+from helpers import values_and_grads
 
 
 def loop_lcn(x, window, across_channels, c, padding, dilation, eps=1e-6):
@@ -47,13 +48,6 @@ def loop_lcn(x, window, across_channels, c, padding, dilation, eps=1e-6):
            for p in second]
     return torch.stack(out, dim=-1).view(B, C, oh, ow)
 
-
-def values_and_grads(fn, x, seed=0):
-    x = x.detach().clone().requires_grad_(True)
-    y = fn(x)
-    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=y.dtype)
-    (grad,) = torch.autograd.grad(y, x, g)
-    return y.detach(), grad
 
 
 @pytest.mark.parametrize("kernel,across,c,padding,dilation", [

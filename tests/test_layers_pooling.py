@@ -15,6 +15,7 @@ from cnnkit.errors import ConfigError
 from cnnkit.layers import AvgPool1d, AvgPool2d, ChannelMaxPool, MaxPool1d, MaxPool2d
 from cnnkit.layers._common import out_size
 from cnnkit.layers.pooling import _sum_and_divide
+from helpers import values_and_grads
 
 # (kernel, stride, padding, dilation, ceil_mode): overlapping, strided, padded, dilated, ceil-mode cases
 CONFIGS = [
@@ -51,13 +52,6 @@ def naive_pool_2d(x, k, s, p, d, ceil_mode, op, count_include_pad=True):
         rows.append(torch.stack(row, dim=-1))
     return torch.stack(rows, dim=-2)
 
-
-def values_and_grads(fn, x, seed=0):
-    x = x.detach().clone().requires_grad_(True)
-    y = fn(x)
-    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=y.dtype)
-    (grad,) = torch.autograd.grad(y, x, g)
-    return y.detach(), grad
 
 
 @pytest.mark.parametrize("k,s,p,d,ceil_mode", AVG_CONFIGS)

@@ -191,3 +191,24 @@ def test_error_from_a_dataloader_worker_is_one_line():
     wrapped = DataError("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent "
                         "call last):\n  File \"x.py\", line 1\ncnnkit.errors.DataError: cannot decode image a.png")
     assert one_line(wrapped) == "cannot decode image a.png"
+
+
+def test_demo_runs_both_stages(tmp_path, capsys):
+    code, stdout, _ = run_cli(capsys, "demo", "--epochs", "2", "--out", tmp_path / "demo")
+    assert code == 0
+    assert "[1] LeNet-5" in stdout and "held-out top-1 accuracy" in stdout
+    assert "[2] pixelwise" in stdout and "max |difference|" in stdout
+    assert (tmp_path / "demo" / "pixelwise" / "pixelwise_demo.png").stat().st_size > 1000
+    code, stdout, _ = run_cli(capsys, "demo", "--epochs", "1", "--out", tmp_path / "d2", "--skip-pixelwise")
+    assert code == 0 and "[2]" not in stdout
+
+
+def test_threads_option(tmp_path, capsys):
+    before = torch.get_num_threads()
+    try:
+        code, _, err = run_cli(capsys, "train", "--threads", "0", "--out", tmp_path / "o")
+        assert_one_line_error(code, err, "--threads")
+        code, _, _ = run_cli(capsys, "train", "--threads", "1", "--epochs", "1", "--out", tmp_path / "o")
+        assert code == 0 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
