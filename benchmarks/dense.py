@@ -1,7 +1,7 @@
 """Dense pixelwise classification vs patch-by-patch (Li, Zhao, Wang arXiv:1412.4526).
 
 For the lecture's toy net, the Simo-Serra descriptor net (64x64 patches, as in Bailer et al.) and a
-Ciresan-style membrane net (65x65), on 256x256, 512x512 and 1080x720 images:
+Ciresan et al.'s membrane net N3 (65x65), on 256x256, 512x512 and 1080x720 images:
 
 - dense time (median of repetitions, after one warm-up call that also picks the layouts);
 - patch-by-patch time, measured on a random subset of pixels and scaled to all pixels;
@@ -29,7 +29,7 @@ import time
 
 import torch
 
-NETS = ("toy", "descriptor", "membrane")
+NETS = ("toy", "descriptor", "ciresan_n3")  # or any patch net of cnnkit.models.create_patch_net
 SIZES = ("256x256", "512x512", "1080x720")  # W x H
 
 
@@ -69,13 +69,13 @@ def one(args) -> dict:
     """Runs in a fresh process: one net, one size, one memory setting."""
     from cnnkit.dense import densify, patch_by_patch
     from cnnkit.dense.allocator import retain_freed_memory
-    from cnnkit.dense.nets import build
+    from cnnkit.models import create_patch_net
 
     retained = retain_freed_memory() if not args.default_malloc else False
 
     torch.manual_seed(0)
     device = torch.device(args.device)
-    model, patch = build(args.net)
+    model, patch = create_patch_net(args.net)
     model.to(device).eval()
     w, h = (int(v) for v in args.size.split("x"))
     max_memory = int(args.max_memory) if args.max_memory else None

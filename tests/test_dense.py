@@ -8,10 +8,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnnkit.dense import densify, pad_image, patch_by_patch
-from cnnkit.dense.nets import descriptor_net, membrane_net, toy_net
 from cnnkit.dense.ops import merge, split
 from cnnkit.errors import ConfigError, UnsupportedLayerError
 from cnnkit.layers.lrn import LocalResponseNorm
+from cnnkit.models import create_patch_net
 
 
 def _f64(model: nn.Module) -> nn.Module:
@@ -25,9 +25,9 @@ def test_lecture_toy_example():
     """Patch 15x15; conv1 2x2/1, pool1 2x2/2, conv2 2x2/1, pool2 3x3/3, conv3 2x2/1. A 5x5 input
     padded to 19x19; each output pixel equals the net on its 15x15 patch (top-left patch = pixel
     (0, 0)); pool2 is dilated by 2 and conv3 by 6, as the lecture shows."""
-    model, patch = toy_net(1, 1, width=1)
+    model, patch = create_patch_net("toy", num_classes=1, in_chans=1, width=1)
     model = _f64(model)
-    assert patch == 15
+    assert patch == (15, 15)
     x = torch.randn(1, 1, 5, 5, dtype=torch.float64)
     padded = pad_image(x, (15, 15))
     assert padded.shape == (1, 1, 19, 19)
@@ -45,10 +45,10 @@ def test_lecture_toy_example():
 
 
 @pytest.mark.parametrize("mode", ["dilated", "space_to_batch", "auto"])
-def test_layouts_agree_on_membrane_net(mode):
+def test_layouts_agree_on_ciresan_n3(mode):
     """float32 (oneDNN paths): the float64 twin of every layout is in the property test."""
     torch.manual_seed(0)
-    model, patch = membrane_net()
+    model, patch = create_patch_net("ciresan_n3")
     model.eval()
     x = torch.randn(2, 1, 9, 13)
     pixels = torch.tensor([[0, 0], [8, 12], [4, 6], [0, 12], [8, 0]])
@@ -68,7 +68,7 @@ def test_split_merge_roundtrip_any_size():
 
 @pytest.mark.parametrize("mode", ["dilated", "space_to_batch", "auto"])
 def test_tiled_equals_untiled_bit_for_bit(mode):
-    model, patch = toy_net(2, 3, width=3)
+    model, patch = create_patch_net("toy", num_classes=3, in_chans=2, width=3)
     model = _f64(model)
     x = torch.randn(2, 2, 23, 17, dtype=torch.float64)
     dense = densify(model, patch, mode=mode, border="reflect")
@@ -100,7 +100,7 @@ def test_tiling_bit_for_bit_with_transcendental_activations():
 
 
 def test_tiles_are_balanced_and_macs_are_exact():
-    model, patch = descriptor_net()
+    model, patch = create_patch_net("descriptor")
     dense = densify(model.eval(), patch, tile_size=504)
     assert dense.tile_for((720, 1080), 4) == (360, 360)  # 2 x 3 equal tiles, not 504 + 216
     assert dense.tile_for((300, 300), 4) is None
@@ -113,7 +113,7 @@ def test_tiles_are_balanced_and_macs_are_exact():
 
 
 def test_max_memory_too_small_is_refused():
-    model, patch = toy_net()
+    model, patch = create_patch_net("toy")
     with pytest.raises(ConfigError, match="max_memory"):
         densify(model.eval(), patch, max_memory=100)(torch.randn(1, 1, 30, 30))
 
@@ -263,7 +263,7 @@ def test_approximate_mode_for_padded_nets():
 
 
 def test_bad_inputs_are_config_errors():
-    model, patch = toy_net()
+    model, patch = create_patch_net("toy")
     dense = densify(model.eval(), patch)
     with pytest.raises(ConfigError, match="channels"):
         dense(torch.randn(1, 3, 20, 20))
@@ -293,7 +293,7 @@ def test_even_patch_centring_convention():
 
 
 def test_dense_net_shares_the_model_parameters():
-    model, patch = toy_net()
+    model, patch = create_patch_net("toy")
     dense = densify(model.eval(), patch)
     assert {id(p) for p in dense.parameters()} == {id(p) for p in model.parameters()}
     x = torch.randn(1, 1, 20, 20)
@@ -314,7 +314,7 @@ def test_inference_in_place_activations_leave_the_input_alone():
 
 
 def test_autocast_bfloat16_is_approximate():
-    model, patch = descriptor_net(num_classes=16)
+    model, patch = create_patch_net("descriptor", num_classes=16)
     model.eval()
     x = torch.randn(1, 1, 12, 10)
     ref = densify(model, patch)(x)
@@ -326,7 +326,7 @@ def test_autocast_bfloat16_is_approximate():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu():
-    model, patch = membrane_net()
+    model, patch = create_patch_net("ciresan_n3")
     model = _f64(model)
     x = torch.randn(2, 1, 20, 17, dtype=torch.float64)
     ref = densify(model, patch)(x)

@@ -6,19 +6,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cnnkit.data.segmentation import IGNORE_INDEX, generate_textured_shapes
 from cnnkit.dense import densify, patch_by_patch
-from cnnkit.dense.checkpoint import load_segmenter, save_segmenter
-from cnnkit.dense.nets import segment_net
-from cnnkit.dense.train import TrainConfig, dense_loss, sample_pixel_mask, train_patch_classifier
-from cnnkit.errors import CheckpointError, ConfigError
+from cnnkit.dense.loss import IGNORE_INDEX, dense_loss, sample_pixel_mask
+from cnnkit.errors import ConfigError
+from cnnkit.models import create_patch_net
 
 
 def test_masked_dense_loss_gradient_equals_sum_of_patch_gradients():
     """The paper's error-map mask: only selected pixels contribute; the gradient of the summed
     dense loss equals the sum of the per-patch cross-entropy gradients at those pixels."""
     torch.manual_seed(0)
-    model, patch = segment_net(in_channels=2, num_classes=3, width=2, patch=18)
+    model, (patch, _) = create_patch_net("segment", num_classes=3, in_chans=2, width=2, patch=18)
     model = model.double().eval()
     x = torch.randn(2, 2, 7, 6, dtype=torch.float64)
     target = torch.randint(0, 3, (2, 7, 6))
@@ -64,40 +62,12 @@ def test_sample_pixel_mask_is_balanced_and_skips_ignored():
     assert not (target[mask] == IGNORE_INDEX).any()
 
 
-@pytest.mark.parametrize("mode,images_per_step", [("dense", 1), ("dense", 3), ("patches", 1)])
-def test_training_learns_the_generated_task(mode, images_per_step):
-    torch.manual_seed(0)
-    samples = generate_textured_shapes(6, size=32, seed=1)
-    model, patch = segment_net(3, 3, width=4, patch=18)
-    cfg = TrainConfig(mode=mode, epochs=3, lr=3e-3, batch_size=64, steps_per_epoch=8, seed=0,
-                      images_per_step=images_per_step)
-    hist = train_patch_classifier(model, patch, samples, cfg)
-    assert len(hist) == 3 and hist[-1]["loss"] < hist[0]["loss"]
-
-
-def test_checkpoint_roundtrip_and_errors(tmp_path):
-    model, patch = segment_net(1, 2, width=2, patch=16)
-    path = save_segmenter(tmp_path / "m.safetensors", model,
-                          {"net": "segment", "net_args": {"in_channels": 1, "num_classes": 2, "width": 2,
-                                                          "patch": 16}, "patch": patch})
-    loaded, meta = load_segmenter(path)
-    assert meta["patch"] == 16 and meta["format"] == "cnnkit-segment"
-    for a, b in zip(model.state_dict().values(), loaded.state_dict().values()):
-        assert torch.equal(a, b)
-    (tmp_path / "bad.safetensors").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError):
-        load_segmenter(tmp_path / "bad.safetensors")
-    with pytest.raises(CheckpointError, match="does not exist"):
-        load_segmenter(tmp_path / "missing.safetensors")
-    assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporary files
-
-
 @pytest.mark.parametrize("mode", ["dilated", "space_to_batch"])
 def test_float32_fast_path_gradients(mode):
     """float64 runs the reproducible convolution; float32 runs oneDNN in both layouts: its
     backward pass must give the per-patch gradient sum too (to float32 accuracy)."""
     torch.manual_seed(1)
-    model, patch = segment_net(in_channels=1, num_classes=2, width=3, patch=16)
+    model, (patch, _) = create_patch_net("segment", num_classes=2, in_chans=1, width=3, patch=16)
     model.eval()
     x = torch.randn(2, 1, 9, 10)
     w = torch.randn(2, 2, 9, 10)
@@ -121,8 +91,8 @@ from cnnkit.dense.allocator import retain_freed_memory
 if sys.argv[1] == "1":
     assert retain_freed_memory()
 from cnnkit.dense import densify
-from cnnkit.dense.nets import descriptor_net
-dense = densify(descriptor_net()[0].eval(), 64, mode="dilated")
+from cnnkit.models import create_patch_net
+dense = densify(create_patch_net("descriptor")[0].eval(), 64, mode="dilated")
 x = torch.randn(1, 1, 256, 256)  # the last maps are 128 x 295 x 295 floats: 44 MB
 with torch.no_grad():
     dense(x), dense(x)

@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from cnnkit.cli import main
-from cnnkit.data.segmentation import generate_textured_shapes
+from cnnkit.segmentation.data import generate_textured_shapes
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _default_malloc():
     """The command tunes glibc malloc for its own process; leave pytest's alone."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("cnnkit.cli.dense.retain_freed_memory", lambda: False)
+        mp.setattr("cnnkit.cli.dense.retain_freed_memory", lambda: False)  # densify, run in-process here
         yield
 
 
@@ -38,42 +44,46 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def checkpoint(data_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ckpt") / "seg.safetensors"
-    rc = main(["segment", "train", "--data", str(data_dir), "--epochs", "2", "--width", "4", "--patch", "18",
-               "--out", str(out)])
-    assert rc == 0 and out.is_file()
-    return out
+    out = tmp_path_factory.mktemp("ckpt") / "run"
+    done = cnnkit("segment", "train", "--data", str(data_dir), "--valid", "fov", "--val-fraction", "0.34",
+                  "--epochs", "2", "--option", "width=4", "--option", "patch=18", "--crop", "16", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert (out / "best.safetensors").is_file()
+    return out / "best.safetensors"
 
 
-def test_train_on_generated_data(tmp_path, capsys):
-    out = tmp_path / "g.safetensors"
-    rc = main(["segment", "train", "--data", "generated", "--generated-count", "3", "--epochs", "1",
-               "--width", "4", "--patch", "16", "--mode", "patches", "--steps-per-epoch", "3",
-               "--out", str(out)])
-    assert rc == 0 and out.is_file()
-    assert "pixel_accuracy" in capsys.readouterr().out
+def cnnkit(*args, timeout=240) -> subprocess.CompletedProcess:
+    """The command as a user runs it: a fresh process, a clean environment."""
+    env = {"PATH": os.environ.get("PATH", ""), "OMP_NUM_THREADS": "1", "PYTHONPATH": SRC}
+    return subprocess.run([sys.executable, "-m", "cnnkit", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
 
 
-def test_predict_writes_labels_probabilities_overlays(checkpoint, data_dir, tmp_path, capsys):
+def test_train_on_generated_data(tmp_path):
+    done = cnnkit("segment", "train", "--generated-count", "4", "--epochs", "1", "--option", "width=4",
+                  "--option", "patch=16", "--out", str(tmp_path / "g"))
+    assert done.returncode == 0, done.stderr
+    assert "held-out after epoch 1: pixel accuracy" in done.stdout and done.stderr == ""
+    assert (tmp_path / "g" / "best.safetensors").is_file()
+
+
+def test_predict_and_eval_a_trained_checkpoint(checkpoint, data_dir, tmp_path):
     out = tmp_path / "pred"
-    rc = main(["segment", "predict", str(checkpoint), str(data_dir / "images"), "--out", str(out),
-               "--masks", str(data_dir / "masks"), "--max-memory", "4"])
-    assert rc == 0
-    labels = Image.open(out / "generated_000_labels.png")
-    assert labels.size == (40, 40) and labels.mode == "L"
-    assert max(np.asarray(labels).ravel()) <= 2
-    for k in range(3):  # three classes: one 16-bit probability map each
-        prob = Image.open(out / f"generated_000_prob_{k}.png")
-        assert prob.mode.startswith("I") and np.asarray(prob).max() <= 65535
-    assert Image.open(out / "generated_002_overlay.png").mode == "RGB"
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert 0 <= metrics["mean_iou"] <= 1
-    assert "mean_iou" in capsys.readouterr().out
-    # scored inside a valid region only: a different pixel count, so (almost surely) other scores
-    rc = main(["segment", "predict", str(checkpoint), str(data_dir / "images"), "--out", str(out / "fov"),
-               "--masks", str(data_dir / "masks"), "--valid", str(data_dir / "fov")])
-    inside = json.loads((out / "fov" / "metrics.json").read_text())
-    assert rc == 0 and inside != metrics
+    done = cnnkit("segment", "predict", str(checkpoint), "--images", str(data_dir / "images"), "--out", str(out),
+                  "--max-memory", "4", "--no-tta")
+    assert done.returncode == 0, done.stderr
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(f"generated_00{i}_{kind}.png" for i in range(3) for kind in ("labels", "overlay",
+                                                                                            "prob_0", "prob_1",
+                                                                                            "prob_2"))
+    labels = np.asarray(Image.open(out / "generated_000_labels.png"))
+    assert labels.shape == (40, 40) and labels.max() <= 2
+    done = cnnkit("segment", "eval", str(checkpoint), "--data", str(data_dir), "--valid", "fov", "--no-tta",
+                  "--out", str(tmp_path / "m.json"))
+    assert done.returncode == 0, done.stderr
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert 0 <= metrics["pixel_accuracy"] <= 1 and len(metrics["per_class_iou"]) == 3
+    assert metrics["pixels"] == 3 * 30 * 30  # only the valid region is scored
 
 
 def test_densify_check_prints_layers_and_difference(capsys):
@@ -88,39 +98,41 @@ def test_densify_check_on_a_checkpoint(checkpoint, capsys):
     assert "fc->conv" in capsys.readouterr().out
 
 
-def _error(argv, capsys) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
-    return err
+def _error(argv, capsys=None) -> str:
+    done = cnnkit(*argv)
+    assert done.returncode == 2, done.stderr
+    err = done.stderr
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err.strip()
 
 
 def test_bad_input_gives_one_error_line(checkpoint, data_dir, tmp_path, capsys):
     grey = tmp_path / "grey.png"
     Image.fromarray(np.zeros((30, 30), np.uint8)).save(grey)
-    assert "1 channels but the model takes 3" in _error(
-        ["segment", "predict", str(checkpoint), str(grey), "--out", str(tmp_path / "o")], capsys)
-    wrong = tmp_path / "masks"
-    wrong.mkdir()
-    Image.fromarray(np.zeros((12, 40), np.uint8)).save(wrong / "generated_000.png")
-    assert "is (12, 40) but image" in _error(
-        ["segment", "predict", str(checkpoint), str(data_dir / "images" / "generated_000.png"), "--out",
-         str(tmp_path / "o2"), "--masks", str(wrong)], capsys)
-    assert "does not exist" in _error(["segment", "predict", str(tmp_path / "none.safetensors"), str(grey),
-                                       "--out", str(tmp_path / "o3")], capsys)
+    assert "1 channel" in _error(["segment", "predict", str(checkpoint), "--images", str(grey), "--out",
+                                  str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+    assert "does not exist" in _error(["segment", "predict", str(tmp_path / "none.safetensors"), "--images",
+                                       str(grey), "--out", str(tmp_path / "o3")])
     assert "does not exist" in _error(["segment", "train", "--data", str(tmp_path / "nope"),
-                                       "--out", str(tmp_path / "x.safetensors")], capsys)
+                                       "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
     assert "--size" in _error(["densify", "--size", "big"], capsys)
     assert "patch net" in _error(["densify", "--net", "vgg"], capsys)
-    assert "cannot take a 1-channel 40x40 patch" in _error(["densify", "--net", "membrane", "--patch", "40"],
+    assert "cannot take a 1-channel 40x40 patch" in _error(["densify", "--net", "ciresan_n3", "--patch", "40"],
                                                           capsys)
+    assert "not a patch net" in _error(["densify", "--net", "lenet5"], capsys)
+    assert "cannot import 'no_such_module'" in _error(["densify", "--net", "no_such_module:build"], capsys)
 
 
-def test_unsupported_layer_is_one_error_line(monkeypatch, capsys):
-    from torch import nn
-
-    from cnnkit.dense import nets
-
-    padded = lambda: (nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Conv2d(2, 2, 5), nn.Flatten()), 5)  # noqa: E731
-    monkeypatch.setitem(nets.NETS, "padded", padded)
-    assert "layer '0': zero padding inside the patch net" in _error(["densify", "--net", "padded"], capsys)
+def test_unsupported_layer_is_one_error_line(monkeypatch, tmp_path, capsys):
+    (tmp_path / "cli_padded_net.py").write_text(
+        "from torch import nn\n"
+        "def build():\n"
+        "    return nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Conv2d(2, 2, 5), nn.Flatten()), 5\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    done = subprocess.run([sys.executable, "-m", "cnnkit", "densify", "--net", "cli_padded_net:build"],
+                          env={"PATH": os.environ["PATH"], "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{SRC}:{tmp_path}"},
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1
+    assert "layer '0': zero padding inside the patch net" in done.stderr

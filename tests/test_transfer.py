@@ -2,6 +2,7 @@
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,21 +12,32 @@ from cnnkit.analysis import transfer
 from cnnkit.analysis.transfer import (
     KINDS,
     TransferConfig,
+    TransferTask,
     class_subset,
     run_transfer,
     split_classes,
-    train_network,
     transplant,
     weighted_layers,
 )
 from cnnkit.cli import main
-from cnnkit.data import ArrayDataset
+from cnnkit.data import ArrayDataset, Splits, compute_mean_image, load_dataset
 from cnnkit.errors import ConfigError
 from cnnkit.models import ClassifierNet, create
+from cnnkit.train import classification, runner
 from cnnkit.train.checkpoint import load_checkpoint
+from cnnkit.train.config import TrainConfig
+from cnnkit.train.runner import fit
 
 TINY = {"channels": [4, 8], "fc_width": 16}
 CLASSES = [str(i) for i in range(10)]
+
+
+@pytest.fixture
+def no_run_pictures(monkeypatch):
+    """Each network is a runner run folder. Its per-epoch pictures (curves.png, confusion.png) are the
+    runner's, tested with it; drawing them took 80% of these tests' time."""
+    monkeypatch.setattr(runner, "plot_training_curves", lambda *args, **kwargs: None)
+    monkeypatch.setattr(classification, "plot_confusion", lambda *args, **kwargs: None)
 
 # --------------------------------------------------------------------------- class splits
 
@@ -86,7 +98,9 @@ def _bn_net(num_classes=3):
     features.add_module("conv2", nn.Conv2d(4, 6, 3))
     features.add_module("relu2", nn.ReLU())
     classifier = nn.Sequential(nn.Flatten(), nn.Linear(6 * 4 * 4, 8), nn.ReLU(), nn.Linear(8, num_classes))
-    return ClassifierNet(features, classifier, (1, 14, 14))
+    net = ClassifierNet(features, classifier, (1, 14, 14))
+    net.model_options = {}  # what a checkpoint records of a zoo model's builder options
+    return net
 
 
 def _state(model, prefixes):
@@ -108,9 +122,21 @@ def _small_net():
     return create("small_cnn", num_classes=3, **TINY)
 
 
+class _GivenNet(TransferTask):
+    """The study's task (data, mean, frozen layers) for a network the test built and transplanted itself."""
+
+    def __init__(self, model, data):
+        splits = Splits(data, data, data.classes, 1, "tiny")
+        super().__init__(splits, list(range(len(data.classes))), compute_mean_image(data), init_seed=0)
+        self.model = model
+
+    def build_model(self, cfg):
+        return self.model
+
+
 @pytest.mark.parametrize("freeze", [True, False], ids=["frozen", "fine-tuned"])
 @pytest.mark.parametrize("make", [_small_net, _bn_net], ids=["small_cnn", "batchnorm"])
-def test_transplant_copies_freezes_and_reinitialises(make, freeze):
+def test_transplant_copies_freezes_and_reinitialises(make, freeze, tmp_path, no_run_pictures):
     torch.manual_seed(0)
     base, target = make(), make()
     size = base.input_size[1]
@@ -126,8 +152,9 @@ def test_transplant_copies_freezes_and_reinitialises(make, freeze):
     assert _equal(_state(target, above), fresh_above)  # the layers above keep their fresh initialisation
     assert not any(torch.equal(_state(target, above)[k], _state(base, above)[k]) for k in fresh_above)
 
-    cfg = TransferConfig(epochs=2, batch_size=16, lr=0.05)
-    train_network(target, data, data, cfg, seed=1, mean=None, device=torch.device("cpu"))
+    cfg = TrainConfig(model="small_cnn", epochs=2, batch_size=16, lr=0.05, schedule="cosine", seed=1,
+                      out=str(tmp_path / "run"), device="cpu")
+    fit(cfg, progress=False, task=_GivenNet(target, data))  # the runner trains ``target`` in place
     after_copied, after_above = _state(target, copied), _state(target, above)
     # frozen layers did not change, bit for bit (BatchNorm statistics included); "+" layers learned
     assert _equal(after_copied, _state(base, copied)) == freeze
@@ -146,64 +173,86 @@ def test_transplant_refuses_the_output_layer():
 # --------------------------------------------------------------------------- the study
 
 
+def _spy_on_networks(monkeypatch, interrupt_at=None):
+    """Record each network the study trains ({} for a base, else n and freeze) and check it around its
+    training: copied layers equal the base checkpoint's, exactly those are frozen, frozen parameters do
+    not change and all others learn. ``interrupt_at``: Ctrl-C in the first epoch of that network."""
+    trainings, pending = [], [interrupt_at]
+    real_fit = transfer.fit
+
+    def fit_spy(cfg, *, resume=False, progress=None, task=None):
+        info = {"n": task.n, "freeze": task.freeze} if task.base is not None else {}
+        trainings.append({**info, "run": Path(cfg.out).name, "resume": resume})
+        built = {}
+        real_build = task.build_model
+
+        def build(c):
+            model = built["model"] = real_build(c)
+            built["params"] = {k: p.detach().clone() for k, p in model.named_parameters()}
+            built["frozen"] = {k for k, p in model.named_parameters() if not p.requires_grad}
+            if info:  # a transfer/selffer cell: the first n layers are the base network's
+                copied = {f"{m}.{w}" for group in weighted_layers(model)[: info["n"]] for m in group
+                          for w in ("weight", "bias")}
+                source = load_checkpoint(task.base).model_state
+                assert all(torch.equal(built["params"][k], source[k]) for k in copied)
+                assert built["frozen"] == (copied if info["freeze"] else set())
+            return model
+
+        task.build_model = build
+        if len(trainings) == pending[0]:
+            pending[0] = None  # once
+
+            def ctrl_c(*args, **kwargs):
+                raise KeyboardInterrupt
+
+            task.train_epoch = ctrl_c
+        summary = real_fit(cfg, resume=resume, progress=progress, task=task)
+        after, before, frozen = dict(built["model"].named_parameters()), built["params"], built["frozen"]
+        assert all(torch.equal(after[k], before[k]) for k in frozen)  # frozen: bit for bit unchanged
+        assert all(not torch.equal(after[k], before[k]) for k in before if k not in frozen)  # the rest learned
+        return summary
+
+    monkeypatch.setattr(transfer, "fit", fit_spy)
+    return trainings
+
+
 @pytest.mark.slow
-def test_study_table_plot_frozen_cells_and_resume(tmp_path, monkeypatch, tiny_idx):
+def test_study_table_plot_frozen_cells_and_resume(tmp_path, monkeypatch, tiny_idx, no_run_pictures):
     data = tiny_idx(tmp_path / "tiny", per_class=16, val_per_class=6)
-    trainings, pending = [], {}
-    interrupt_at = [6]
-    real_train, real_transplant = transfer.train_network, transfer.transplant
-
-    def transplant_spy(target, source, n, *, freeze):
-        pending.update(source=source, n=n, freeze=freeze)
-        return real_transplant(target, source, n, freeze=freeze)
-
-    def train_spy(model, train, val, cfg, *, seed, mean, device):
-        info = dict(pending)
-        pending.clear()
-        trainings.append(info)
-        params = {k: p.detach().clone() for k, p in model.named_parameters()}
-        frozen = {k for k, p in model.named_parameters() if not p.requires_grad}
-        if info:  # a transfer/selffer cell: the first n layers are the base network's
-            copied = {f"{m}.{w}" for group in weighted_layers(model)[: info["n"]] for m in group
-                      for w in ("weight", "bias")}
-            source = dict(info["source"].named_parameters())
-            assert all(torch.equal(params[k], source[k]) for k in copied)
-            assert frozen == (copied if info["freeze"] else set())
-        result = real_train(model, train, val, cfg, seed=seed, mean=mean, device=device)
-        after = dict(model.named_parameters())
-        assert all(torch.equal(after[k], params[k]) for k in frozen)  # frozen: bit for bit unchanged
-        assert all(not torch.equal(after[k], params[k]) for k in params if k not in frozen)  # the rest learned
-        if interrupt_at and len(trainings) == interrupt_at[0]:
-            interrupt_at.clear()
-            raise KeyboardInterrupt  # as Ctrl-C in the middle of the 6th training
-        return result
-
-    monkeypatch.setattr(transfer, "train_network", train_spy)
-    monkeypatch.setattr(transfer, "transplant", transplant_spy)
     out = tmp_path / "study"
     cfg = TransferConfig(data=data, model_options=TINY, epochs=1, batch_size=32, out=str(out), device="cpu",
                          split_a=["0", "1", "2", "3", "4"])
+    trainings = _spy_on_networks(monkeypatch, interrupt_at=6)  # Ctrl-C in the middle of the 6th network
     with pytest.raises(KeyboardInterrupt):
         run_transfer(cfg, progress=False)
     saved = json.loads((out / "results.json").read_text())["cells"]
     assert sorted(saved) == ["AnB/1", "BnB+/1", "BnB/1", "baseA", "baseB"]  # the 6th was not recorded
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["AnB+_1", "AnB_1", "BnB+_1", "BnB_1", "baseA",
+                                                                  "baseB"]
+    assert not (out / "runs" / "AnB+_1" / "last.safetensors").exists()  # killed in its first epoch
 
     trainings.clear()
     result = run_transfer(cfg, progress=False)
     assert len(trainings) == 9 and result["trained"] == 9  # 14 cells, 5 finished before the interruption
     assert [(t["n"], t["freeze"]) for t in trainings] == [(1, False), (2, True), (2, False), (2, True), (2, False),
                                                           (3, True), (3, False), (3, True), (3, False)]
+    assert not any(t["resume"] for t in trainings)  # nothing had finished an epoch
     assert result["layers"] == 4 and len(result["cells"]) == 14
     assert result["A"] == ["0", "1", "2", "3", "4"] and result["B"] == ["5", "6", "7", "8", "9"]
-    base_a = load_checkpoint(out / "baseA.safetensors")
+    base_a = load_checkpoint(out / "runs" / "baseA" / "last.safetensors")
     assert base_a.classes == result["A"] and base_a.model_state["classifier.fc4.weight"].shape == (5, 16)
+    # one mean image for every network: that of the whole training set (A and B), as the base networks saw it
+    mean = compute_mean_image(load_dataset(data, (32, 32), channels=1).train)
+    cell = load_checkpoint(out / "runs" / "AnB_3" / "last.safetensors")
+    assert torch.equal(base_a.mean_image, mean) and torch.equal(cell.mean_image, mean)
+    assert cell.classes == result["B"] and cell.epoch == 1
 
     rows = list(csv.reader(open(out / "transfer.csv")))
     assert rows[0] == ["n", *KINDS] and [r[0] for r in rows[1:]] == ["0 (baseB)", "1", "2", "3"]
     assert all(0 <= float(v) <= 1 for r in rows[1:] for v in r[1:])
     assert "| n | BnB | BnB+ | AnB | AnB+ |" in (out / "transfer.md").read_text()
     assert (out / "transfer.png").stat().st_size > 10_000
-    assert not list(out.glob(".*.tmp"))
+    assert not list(out.glob(".*.tmp")) and not list(out.glob("runs/*/.*.tmp"))
 
     trainings.clear()
     again = run_transfer(cfg, progress=False)  # everything finished: nothing is trained
@@ -211,6 +260,54 @@ def test_study_table_plot_frozen_cells_and_resume(tmp_path, monkeypatch, tiny_id
 
     with pytest.raises(ConfigError, match="other settings"):
         run_transfer(TransferConfig(**{**cfg.__dict__, "epochs": 2}), progress=False)
+
+
+@pytest.mark.slow
+def test_network_killed_mid_way_resumes_to_the_same_weights(tmp_path, monkeypatch, tiny_idx, no_run_pictures):
+    data = tiny_idx(tmp_path / "tiny", per_class=8, val_per_class=3)
+    two_layers = {"channels": [4], "fc_width": []}  # conv1 and the output layer: n = 1 only, 6 networks
+
+    def study(name):
+        return TransferConfig(data=data, model_options=two_layers, epochs=2, batch_size=16, out=str(tmp_path / name),
+                              device="cpu", split_a=["0", "1", "2", "3", "4"])
+
+    whole = run_transfer(study("whole"), progress=False)
+
+    real_epoch = TransferTask.train_epoch
+
+    def killed_in_epoch_2_of_anb1(self, *args, epoch, **kwargs):
+        if self.base is not None and self.base.parent.name == "baseA" and self.freeze and epoch == 2:
+            raise KeyboardInterrupt
+        return real_epoch(self, *args, epoch=epoch, **kwargs)
+
+    def killed_in_epoch_2(self, *args, epoch, **kwargs):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return real_epoch(self, *args, epoch=epoch, **kwargs)
+
+    monkeypatch.setattr(TransferTask, "train_epoch", killed_in_epoch_2_of_anb1)
+    with pytest.raises(KeyboardInterrupt):
+        run_transfer(study("killed"), progress=False)
+    runs = tmp_path / "killed" / "runs"
+    assert load_checkpoint(runs / "AnB_1" / "last.safetensors").epoch == 1
+
+    monkeypatch.setattr(TransferTask, "train_epoch", real_epoch)
+    trainings = _spy_on_networks(monkeypatch)
+    resumed = run_transfer(study("killed"), progress=False)
+    assert [(t["run"], t["resume"]) for t in trainings] == [("AnB_1", True), ("AnB+_1", False)]
+    assert [r["epoch"] for r in csv.DictReader(open(runs / "AnB_1" / "metrics.csv"))] == ["1", "2"]
+    for name in ("baseA", "baseB", "BnB_1", "BnB+_1", "AnB_1", "AnB+_1"):
+        a = load_checkpoint(tmp_path / "whole" / "runs" / name / "last.safetensors").model_state
+        b = load_checkpoint(runs / name / "last.safetensors").model_state
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert all(resumed["cells"][k]["acc1"] == whole["cells"][k]["acc1"] for k in whole["cells"])
+
+    # killed before any network finished (no results.json yet): other settings are refused all the same
+    monkeypatch.setattr(TransferTask, "train_epoch", killed_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        run_transfer(study("early"), progress=False)
+    with pytest.raises(ConfigError, match=r"runs/baseA holds a network trained with other settings \(lr: 0.05 there"):
+        run_transfer(TransferConfig(**{**study("early").__dict__, "lr": 0.1}), progress=False)
 
 
 def test_cli_bad_inputs_are_one_line_errors(tmp_path, capsys):

@@ -6,7 +6,7 @@ from torch import nn
 
 from cnnkit.analysis import summary
 from cnnkit.errors import ConfigError
-from cnnkit.models import create, extract_features, list_models, model_info
+from cnnkit.models import PATCH_NETS, create, extract_features, list_models, model_info
 from cnnkit.models.alexnet import LECTURE_NEURONS
 from cnnkit.models.blocks import conv_stack, feature_shape
 from cnnkit.models.chatfield import ARCHS
@@ -198,10 +198,13 @@ def test_fully_convolutional_gives_score_maps_on_larger_images():
 
 SLOW = {"vgg_a", "vgg_a_lrn", "vgg_b", "vgg_c", "vgg_d", "vgg_e", "deep_image", "overfeat_fast",
         "overfeat_accurate", "cnn_s", "cnn_m", "cnn_m_2048", "cnn_m_1024", "cnn_m_128", "zfnet"}
+# The patch nets are plain nn.Sequential with a patch_size, not ClassifierNets (no features/classifier
+# split, no head to reset): tests/test_patch_nets.py runs each forward and backward and densifies it.
+CLASSIFIERS = [n for n in list_models() if n not in PATCH_NETS]
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n
-                                  for n in list_models()])
+                                  for n in CLASSIFIERS])
 def test_every_model_forward_backward_head_and_fully_convolutional(name):
     torch.manual_seed(0)
     net = create(name, num_classes=5).eval()  # eval: dropout off, so the FC->conv copy must agree

@@ -25,10 +25,10 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader
 
-from cnnkit.data import Splits, labels_of, load_dataset, load_image
+from cnnkit.analysis.common import check_layer, checkpoint_splits, image_tile, load_images, save_png
+from cnnkit.data import labels_of
 from cnnkit.errors import ConfigError, DataError
 from cnnkit.models import extract_features
-from cnnkit.train.checkpoint import Checkpoint
 from cnnkit.utils import atomic_path
 
 log = logging.getLogger(__name__)
@@ -39,43 +39,7 @@ PIXEL_BASELINE_LIMIT = 200_000_000  # float32 values (800 MB): above this the pi
 WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
-# --------------------------------------------------------------------------- data of a checkpoint
-
-
-def checkpoint_splits(ckpt: Checkpoint, data: str | None = None, *, skip_bad_files: bool = False) -> Splits:
-    """The train/held-out splits a checkpoint was trained with (re-created from its seed), or ``data``."""
-    config = ckpt.meta.get("config", {})
-    source = data or config.get("data", "digits")
-    splits = load_dataset(source, tuple(ckpt.meta["input_size"]), channels=ckpt.meta.get("channels"),
-                          val_fraction=config.get("val_fraction", 0.2), seed=config.get("seed", 0),
-                          skip_bad_files=skip_bad_files)
-    if data is None and len(splits.classes) != len(ckpt.classes):
-        # a transfer base net is trained on a class subset: keep those classes, relabelled
-        from cnnkit.analysis.transfer import class_subset
-
-        keep = [splits.classes.index(c) for c in ckpt.classes if c in splits.classes]
-        if len(keep) == len(ckpt.classes):
-            splits = Splits(class_subset(splits.train, keep), class_subset(splits.val, keep), list(ckpt.classes),
-                            splits.channels, splits.description + f", classes {', '.join(ckpt.classes)}")
-    return splits
-
-
-def load_images(files: list[Path], ckpt: Checkpoint) -> torch.Tensor:
-    """Image files at the checkpoint's input size and channels, (N, C, H, W) in [0, 1]."""
-    size, channels = tuple(ckpt.meta["input_size"]), ckpt.meta.get("channels", 3)
-    return torch.stack([load_image(f, channels=channels, size=size) for f in files])
-
-
 # --------------------------------------------------------------------------- features
-
-
-def check_layer(model: nn.Module, name: str) -> str:
-    """``name`` if the model has a layer of that (full or short) name, else a ConfigError listing them."""
-    names = [n for n, _ in model.named_modules() if n]
-    if name in names or name in {n.rsplit(".", 1)[-1] for n in names}:
-        return name
-    short = ", ".join(n.rsplit(".", 1)[-1] for n in names if "." in n or n not in ("features", "classifier"))
-    raise ConfigError(f"model has no layer named {name!r}; layers: {short}")
 
 
 def default_feature_layer(model: nn.Module) -> str:
@@ -219,8 +183,6 @@ def plot_neighbours(path: str | Path, query_images: torch.Tensor, neighbour_imag
                     match: torch.Tensor | None = None, *, tile: int = 56) -> Path:
     """Each row: a query (blue frame), a gap, then its neighbours nearest first, framed green when
     of the query's class and red when not (grey when the query's class is unknown)."""
-    from cnnkit.analysis.visualize import image_tile, save_png
-
     q, k = neighbour_images.shape[:2]  # (Q, k, C, H, W)
     border, gap = 3, 12
     cell = tile + 2 * border + 4

@@ -12,37 +12,43 @@ task specific and never copied, as in the paper's n = 1..7 for an 8-layer AlexNe
 
 Every network is evaluated on B's held-out images. A "layer" is a weighted layer (Conv/Linear) with
 the parameter-holding layers that follow it before the next one (e.g. a BatchNorm); pooling and
-activations have no weights and come along for free. Frozen layers are excluded from the optimiser
-and their normalisation layers run in eval mode, so their weights and statistics stay bit for bit.
+activations have no weights and come along for free. Frozen layers are excluded from the optimiser and
+their normalisation layers run in eval mode, so their weights and statistics stay bit for bit.
 
-Results go to ``out``: ``results.json`` (one entry per finished cell, see ``study.ResultStore``),
-``baseA.safetensors`` and ``baseB.safetensors``, ``transfer.md``/``transfer.csv`` and ``transfer.png``.
+Every network is one run of the training runner (:func:`cnnkit.train.runner.fit`, SGD with momentum and
+a cosine schedule) with a :class:`TransferTask`, in its own run folder ``out/runs/KEY`` (baseA, baseB,
+BnB_1, BnB+_1, AnB_1, AnB+_1, ...); the base networks are ``runs/baseA/last.safetensors`` and
+``runs/baseB/last.safetensors``. ``out`` also gets ``results.json`` (one entry per finished network,
+see ``study.ResultStore``), ``transfer.md``/``transfer.csv`` and ``transfer.png``. A rerun skips the
+finished networks and continues an interrupted one from its last epoch.
 """
 
 from __future__ import annotations
 
+import csv
+import json
 import logging
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from cnnkit.analysis.study import ResultStore, cell_bar, write_tables
-from cnnkit.data import Splits, compute_mean_image, load_dataset
+from cnnkit.data import Splits, compute_mean_image, load_dataset, parse_augment
 from cnnkit.errors import ConfigError
 from cnnkit.models import model_info
-from cnnkit.train.checkpoint import Checkpoint, load_checkpoint, load_weights, save_checkpoint
-from cnnkit.train.engine import evaluate, train_one_epoch
-from cnnkit.train.runner import build_model, model_channels
-from cnnkit.utils import resolve_device, seed_everything
+from cnnkit.train.checkpoint import load_checkpoint, load_weights
+from cnnkit.train.classification import ClassificationTask, build_model, model_channels
+from cnnkit.train.config import TrainConfig
+from cnnkit.train.losses import make_loss
+from cnnkit.train.runner import fit
 
 log = logging.getLogger(__name__)
 
 KINDS = ("BnB", "BnB+", "AnB", "AnB+")
 WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+RUN_ONLY = ("out", "device", "workers", "compile", "channels_last")  # how a network runs, not what it learns
 
 
 @dataclass
@@ -171,102 +177,136 @@ def transplant(target: nn.Module, source: nn.Module, n: int, *, freeze: bool) ->
     return names
 
 
-# --------------------------------------------------------------------------- one training
+# --------------------------------------------------------------------------- one network: a runner task
 
 
-def _loader(dataset, cfg: TransferConfig, seed: int, epoch: int, shuffle: bool) -> DataLoader:
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)  # batch order: (seed, epoch) only
-    return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=shuffle, generator=generator)
+class TransferTask(ClassificationTask):
+    """One network of the study as a runner task: the classes ``keep`` of ``data`` (relabelled 0..k-1)
+    and, for a cell, the first ``n`` layers of the base network in checkpoint ``base``, frozen if ``freeze``.
 
+    ``init_seed`` seeds the fresh weights (``TrainConfig.seed`` stays the data's seed: the held-out split,
+    the batch order). ``mean`` is subtracted from every network's input: the mean image of the whole
+    training set, A and B, so that a copied layer sees its input centred as in its base network.
+    """
 
-def train_network(model: nn.Module, train, val, cfg: TransferConfig, *, seed: int, mean: torch.Tensor,
-                  device: torch.device) -> dict:
-    """SGD with momentum and a cosine schedule on the trainable parameters; held-out metrics at the end."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
-    num_classes = len(train.classes)
-    t0 = time.perf_counter()
-    for epoch in range(1, cfg.epochs + 1):
-        train_one_epoch(model, _loader(train, cfg, seed, epoch, True), optimizer, device=device,
-                        num_classes=num_classes, mean=mean, epoch=epoch, progress=False)
-        scheduler.step()
-    metrics, _ = evaluate(model, _loader(val, cfg, seed, 0, False), device=device, num_classes=num_classes,
-                          mean=mean, progress=False)
-    return {"acc1": metrics["acc1"], "loss": metrics["loss"], "seconds": round(time.perf_counter() - t0, 3)}
+    name = "transfer"
+
+    def __init__(self, data: Splits, keep: list[int], mean: torch.Tensor, *, init_seed: int,
+                 base: Path | None = None, n: int = 0, freeze: bool = False):
+        self.data, self.keep, self.shared_mean, self.init_seed = data, keep, mean, init_seed
+        self.base, self.n, self.freeze = base, n, freeze
+
+    def prepare(self, cfg, ctx) -> None:
+        self.size = self.load = tuple(model_info(cfg.model).input_size[1:])
+        train, val = class_subset(self.data.train, self.keep), class_subset(self.data.val, self.keep)
+        self.classes, self.channels = train.classes, self.data.channels
+        self.description = (f"{self.data.description}; classes {', '.join(self.classes)}: "
+                            f"{len(train)} train / {len(val)} val")
+        self.splits = Splits(train, val, self.classes, self.channels, self.description)
+        self.augment, self.view, self.loss_fn = parse_augment("", self.size), None, make_loss(cfg.loss)
+
+    def build_model(self, cfg) -> nn.Module:
+        torch.manual_seed(self.init_seed)
+        model = super().build_model(cfg)
+        if self.base is not None:
+            # Building the base draws weights of its own (its head's size is A's or B's): fork, so that the
+            # four networks at layer n go on to draw the same random numbers (e.g. dropout masks).
+            with torch.random.fork_rng(devices=[]):
+                source = load_checkpoint(self.base).build_model()
+            transplant(model, source, self.n, freeze=self.freeze)
+        return model
+
+    def init_state(self, cfg) -> None:
+        self.mean = self.shared_mean
+
+    def checkpoint_fields(self) -> dict:
+        fields = super().checkpoint_fields()
+        fields["meta"].update(study="transfer", init_seed=self.init_seed, copied_layers=self.n, frozen=self.freeze,
+                              base=str(self.base) if self.base is not None else None)
+        return fields
 
 
 # --------------------------------------------------------------------------- the study
 
 
-@dataclass
-class _Task:
-    """Data of one side of the study (A or B)."""
-
-    classes: list[str]
-    train: object
-    val: object
-
-
 def _cell_seed(cfg: TransferConfig, key: str) -> int:
-    """baseA and baseB get their own seeds; the four networks at layer n share one (a paired design):
-    the same fresh weights above layer n and the same batch order, so that their differences come from
-    the copied layers and from freezing alone."""
+    """The seed of a network's fresh weights. baseA and baseB get their own; the four networks at layer n
+    share one (a paired design): the same fresh weights above layer n and, like every network on B, the
+    same batch order, so that their differences come from the copied layers and from freezing alone."""
     if key.startswith("base"):
         return cfg.seed * 1000 + (0 if key == "baseA" else 1)
     return cfg.seed * 1000 + 1 + int(key.split("/")[1])
 
 
+def network_config(cfg: TransferConfig, key: str) -> TrainConfig:
+    """The runner's configuration of network ``key`` ("baseA", "AnB+/3", ...): SGD with momentum, cosine schedule."""
+    return TrainConfig(data=cfg.data, model=cfg.model, model_options=dict(cfg.model_options),
+                       out=str(Path(cfg.out) / "runs" / key.replace("/", "_")), epochs=cfg.epochs,
+                       batch_size=cfg.batch_size, lr=cfg.lr, optimizer="sgd", momentum=cfg.momentum,
+                       weight_decay=cfg.weight_decay, schedule="cosine", val_fraction=cfg.val_fraction, seed=cfg.seed,
+                       device=cfg.device)
+
+
+def _check_same_network(last: Path, cfg: TrainConfig, classes: list[str]) -> None:
+    """An interrupted network is continued only if it is this one (a study's results.json appears only
+    after its first network, so the study's own settings check cannot catch this yet)."""
+    saved = load_checkpoint(last)
+    theirs = {**saved.meta.get("config", {}), "classes": saved.classes}
+    ours = {**json.loads(json.dumps(asdict(cfg))), "classes": classes}
+    diff = [k for k in ours if k not in RUN_ONLY and theirs.get(k) != ours[k]]
+    if diff:
+        k = diff[0]
+        raise ConfigError(f"{last.parent} holds a network trained with other settings ({k}: {theirs.get(k)!r} there, "
+                          f"{ours[k]!r} now); use the same settings, delete that folder or choose another --out")
+
+
+def _train(key: str, cfg: TransferConfig, task: TransferTask) -> dict:
+    """Train (or continue) one network through the runner; its held-out metrics after the last epoch."""
+    train_cfg = network_config(cfg, key)
+    last = Path(train_cfg.out) / "last.safetensors"
+    if last.exists():
+        _check_same_network(last, train_cfg, [task.data.classes[i] for i in task.keep])
+        log.info("%s: continuing the interrupted network in %s", key, last.parent)
+    summary = fit(train_cfg, resume=last.exists(), progress=False, task=task)
+    with open(Path(train_cfg.out) / "metrics.csv", newline="") as f:  # every epoch, interrupted runs included
+        seconds = sum(float(row["seconds"]) for row in csv.DictReader(f))
+    return {"acc1": summary["final"]["val_acc1"], "loss": summary["final"]["val_loss"], "seconds": round(seconds, 3)}
+
+
 def run_transfer(cfg: TransferConfig, *, progress: bool | None = None) -> dict:
     """Run (or continue) the study; returns {"cells", "layers", "A", "B", paths}."""
-    device = resolve_device(cfg.device)
-    info = model_info(cfg.model)
-    splits: Splits = load_dataset(cfg.data, info.input_size[1:], channels=model_channels(cfg.model),
+    splits: Splits = load_dataset(cfg.data, model_info(cfg.model).input_size[1:], channels=model_channels(cfg.model),
                                   val_fraction=cfg.val_fraction, seed=cfg.seed)
     a_idx, b_idx = split_classes(splits.classes, cfg.split_a, cfg.split_b, cfg.split_seed)
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("out", "device")}
     settings.update(split_a=[splits.classes[i] for i in a_idx], split_b=[splits.classes[i] for i in b_idx])
     store = ResultStore(cfg.out, "transfer", settings)
     out = store.out
-    tasks = {side: _Task([splits.classes[i] for i in idx], class_subset(splits.train, idx),
-                         class_subset(splits.val, idx)) for side, idx in (("A", a_idx), ("B", b_idx))}
-    mean = compute_mean_image(splits.train).to(device)  # one mean image (A and B): copied layers see the same input
-
-    def fresh(side: str, key: str) -> nn.Module:
-        seed_everything(_cell_seed(cfg, key))
-        return build_model(cfg.model, len(tasks[side].classes), splits.channels,
-                           options=cfg.model_options).to(device)
-
-    layers = len(weighted_layers(fresh("B", "baseB")))
+    sides = {"A": a_idx, "B": b_idx}
+    classes = {side: [splits.classes[i] for i in idx] for side, idx in sides.items()}
+    mean = compute_mean_image(splits.train)  # one mean image (A and B): copied layers see the same input
+    layers = len(weighted_layers(build_model(cfg.model, len(b_idx), splits.channels, options=cfg.model_options)))
     keys = ["baseA", "baseB"] + [f"{kind}/{n}" for n in range(1, layers) for kind in KINDS]
+    base_path = {side: Path(network_config(cfg, f"base{side}").out) / "last.safetensors" for side in sides}
     log.info("transfer study in %s: A = {%s}, B = {%s}, %d weighted layers, %d cells (%d finished)",
-             out, ", ".join(tasks["A"].classes), ", ".join(tasks["B"].classes), layers, len(keys),
+             out, ", ".join(classes["A"]), ", ".join(classes["B"]), layers, len(keys),
              sum(store.done(k) for k in keys))
-    bases: dict[str, nn.Module] = {}
     trained = 0
     bar = cell_bar(len(keys), sum(store.done(k) for k in keys), "transfer", progress)
     try:
         for key in keys:
             if key.startswith("base"):
                 side = key[-1]
-                path = out / f"{key}.safetensors"
-                if store.done(key) and path.exists():
-                    bases[side] = _load_base(path, fresh(side, key))
+                if store.done(key) and base_path[side].exists():
                     continue
-                model = fresh(side, key)
-                task = tasks[side]
-                result = train_network(model, task.train, task.val, cfg, seed=_cell_seed(cfg, key), mean=mean,
-                                       device=device)
-                _save_base(path, model, cfg, task, mean, splits, result)
-                bases[side] = model
+                task = TransferTask(splits, sides[side], mean, init_seed=_cell_seed(cfg, key))
             else:
                 if store.done(key):
                     continue
                 kind, n = key.split("/")
-                model = fresh("B", key)
-                transplant(model, bases[kind[0]], int(n), freeze=not kind.endswith("+"))
-                result = train_network(model, tasks["B"].train, tasks["B"].val, cfg, seed=_cell_seed(cfg, key),
-                                       mean=mean, device=device)
+                task = TransferTask(splits, b_idx, mean, init_seed=_cell_seed(cfg, key), base=base_path[kind[0]],
+                                    n=int(n), freeze=not kind.endswith("+"))
+            result = _train(key, cfg, task)
             store.record(key, result)
             trained += 1
             bar.update()
@@ -274,26 +314,10 @@ def run_transfer(cfg: TransferConfig, *, progress: bool | None = None) -> dict:
                      result["seconds"])
     finally:
         bar.close()
-    md, csv_path, png = write_transfer_report(out, store.cells, layers, tasks["A"].classes, tasks["B"].classes)
-    return {"cells": store.cells, "layers": layers, "trained": trained, "A": tasks["A"].classes,
-            "B": tasks["B"].classes, "out": str(out), "table_md": str(md), "table_csv": str(csv_path),
+    md, csv_path, png = write_transfer_report(out, store.cells, layers, classes["A"], classes["B"])
+    return {"cells": store.cells, "layers": layers, "trained": trained, "A": classes["A"], "B": classes["B"],
+            "out": str(out), "runs": str(out / "runs"), "table_md": str(md), "table_csv": str(csv_path),
             "plot": str(png)}
-
-
-def _save_base(path: Path, model: nn.Module, cfg: TransferConfig, task: _Task, mean, splits: Splits,
-               result: dict) -> None:
-    save_checkpoint(path, Checkpoint(
-        model_name=cfg.model, model_options=dict(model.model_options), model_state=model.state_dict(),
-        classes=task.classes, mean_image=mean, epoch=cfg.epochs,
-        meta={"config": {"data": cfg.data, "val_fraction": cfg.val_fraction, "seed": cfg.seed},
-              "channels": splits.channels, "input_size": list(model_info(cfg.model).input_size[1:]),
-              "val": result, "study": "transfer"}))
-
-
-def _load_base(path: Path, model: nn.Module) -> nn.Module:
-    load_weights(model, load_checkpoint(path, map_location=next(model.parameters()).device).model_state,
-                 source=str(path))
-    return model
 
 
 def write_transfer_report(out: Path, cells: dict, layers: int, a: list[str], b: list[str]):

@@ -25,32 +25,14 @@ import torch
 from PIL import Image
 from torch import nn
 
+from cnnkit.analysis.common import check_layer, checkpoint_splits, load_images, save_png
 from cnnkit.errors import ConfigError, UnsupportedLayerError
 from cnnkit.models import extract_features
-from cnnkit.utils import atomic_path
 
 # Layers that keep every position where it is (no spatial extent).
 POINTWISE = (nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.Tanh, nn.Sigmoid, nn.Dropout, nn.Dropout2d, nn.Identity,
              nn.BatchNorm2d, nn.LocalResponseNorm)
 SPATIAL = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)
-
-
-# --------------------------------------------------------------------------- image helpers
-
-
-def save_png(path: str | Path, array: np.ndarray) -> Path:
-    """Write an (H, W) or (H, W, 3) uint8 array as PNG, atomically."""
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        Image.fromarray(array).save(tmp, format="PNG")
-    return path
-
-
-def image_tile(image: torch.Tensor, size: int) -> np.ndarray:
-    """A (C, H, W) image in [0, 1] as a (size, size, 3) uint8 tile (nearest neighbour: pixels stay crisp)."""
-    array = (image.detach().float().clamp(0, 1) * 255).round().byte().cpu()
-    array = array.expand(3, -1, -1) if array.shape[0] == 1 else array[:3]
-    return np.asarray(Image.fromarray(array.permute(1, 2, 0).numpy()).resize((size, size), Image.NEAREST))
 
 
 def contrast_normalise(x: torch.Tensor) -> torch.Tensor:
@@ -375,7 +357,6 @@ def render_all(checkpoint, out, *, parts=PARTS, layer: str | None = None, image:
                index: int = 0, unit=None, dense_image: Path | None = None, dense_grid: int = 3,
                dense_mean: str | None = None, data: str | None = None, device: str = "auto") -> dict:
     """The pictures ``parts`` of a checkpoint in folder ``out``; returns {part: details}."""
-    from cnnkit.analysis.retrieval import check_layer, checkpoint_splits, load_images
     from cnnkit.data import load_image
     from cnnkit.train.checkpoint import load_checkpoint
     from cnnkit.utils import ensure_writable_dir, resolve_device

@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "cnnkit.cli.train",
     "cnnkit.cli.augment",
     "cnnkit.cli.zoo",
+    "cnnkit.cli.segment",
     "cnnkit.cli.dense",
     "cnnkit.cli.studies",
 ]
@@ -60,10 +61,35 @@ def one_line(exc: Exception) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+class ConsoleHandler(logging.Handler):
+    """Progress messages (INFO, DEBUG with -v) to stdout with the command's other output, warnings and
+    errors to stderr, so that a failing command's stderr is its one error line (plus real warnings).
+    Written through tqdm so that a progress bar on the terminal is not torn; the stream is looked up
+    when a record is written, so redirected streams are honoured."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            stream = sys.stdout if record.levelno < logging.WARNING else sys.stderr
+            tqdm.write(self.format(record), file=stream)
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
+
+
+def _configure_logging(verbose: bool) -> None:
+    root = logging.getLogger()
+    root.handlers = [h for h in root.handlers if not isinstance(h, ConsoleHandler)]
+    handler = ConsoleHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    _configure_logging(args.verbose)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -23,8 +23,6 @@ DEMO_DEFAULTS = dict(data="digits", model="lenet5", out="runs/demo", epochs=15, 
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
     from cnnkit.train.runner import TrainConfig, fit
 
     cfg = config_from_args(args, TrainConfig(**DEMO_DEFAULTS))
@@ -32,8 +30,7 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"[1] LeNet-5 on handwritten digits: {cfg.epochs} epochs of SGD (lr {cfg.lr}, momentum {cfg.momentum}), "
           f"mean-image subtraction; run folder {cfg.out}")
     t0 = time.perf_counter()
-    with logging_redirect_tqdm():
-        summary = fit(cfg, resume=args.resume)
+    summary = fit(cfg, resume=args.resume)
     final = summary["final"]
     print(f"    held-out top-1 accuracy: {final['val_acc1']:.4f}  (top-1 error {1 - final['val_acc1']:.4f}) "
           f"in {time.perf_counter() - t0:.1f} s")
@@ -42,13 +39,12 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"    try: cnnkit eval {out}/best.safetensors   |   cnnkit predict {out}/best.safetensors IMAGE.png")
     if args.skip_pixelwise:
         return 0
-    from cnnkit.dense.demo import run_pixelwise_demo
+    from cnnkit.segmentation.demo import run_pixelwise_demo
 
     print("[2] pixelwise classification: a patch classifier (18x18 patches) trained densely on textured "
           "shapes, run as a dense network with d-regularly sparse kernels")
     t0 = time.perf_counter()
-    with logging_redirect_tqdm():
-        px = run_pixelwise_demo(out / "pixelwise", seed=cfg.seed)
+    px = run_pixelwise_demo(out / "pixelwise", seed=cfg.seed)
     print(f"    held-out pixel accuracy {px['pixel_accuracy']:.4f}, mean IoU {px['mean_iou']:.4f}; "
           f"{px['predict_seconds_per_image'] * 1000:.0f} ms per 64x64 image in one pass")
     print(f"    dense output vs patch-by-patch on 200 random pixels: max |difference| "

@@ -65,8 +65,6 @@ def _print_table(path: str) -> None:
 
 
 def run_transfer_cmd(args: argparse.Namespace) -> int:
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
     from cnnkit.analysis.transfer import TransferConfig, run_transfer
 
     cfg = TransferConfig(data=args.data, model=args.model, model_options=_options(args.option, args.model),
@@ -77,18 +75,18 @@ def run_transfer_cmd(args: argparse.Namespace) -> int:
                          seed=args.seed, out=args.out, device=args.device)
     if cfg.epochs < 1 or cfg.lr <= 0 or cfg.batch_size < 1:
         raise ConfigError("--epochs and --batch-size must be at least 1 and --lr positive")
+    _quiet_runner(False)
     t0 = time.perf_counter()
     try:
-        with logging_redirect_tqdm():
-            result = run_transfer(cfg)
+        result = run_transfer(cfg)
     except KeyboardInterrupt:
         print(INTERRUPTED.format(out=cfg.out), end="", flush=True)
         return 130
     _print_table(result["table_md"])
     print(f"\n{result['layers']} weighted layers, n = 1..{result['layers'] - 1}; {len(result['cells'])} cells, "
           f"{result['trained']} trained in this run ({time.perf_counter() - t0:.1f} s)")
-    print(f"wrote {result['table_md']}, {result['table_csv']}, {result['plot']}, "
-          f"{result['out']}/baseA.safetensors, baseB.safetensors")
+    print(f"wrote {result['table_md']}, {result['table_csv']}, {result['plot']}; one run folder per network "
+          f"in {result['runs']} (the base networks: baseA/last.safetensors, baseB/last.safetensors)")
     return 0
 
 
@@ -98,7 +96,8 @@ def _add_transfer(sub) -> None:
         description="Split the classes into A and B, train baseA and baseB, then for every layer n build BnB and "
         "AnB (first n layers copied from baseB/baseA and frozen, the rest re-initialised and trained on B) and "
         "BnB+, AnB+ (all layers trained), and evaluate each on B's held-out images. Writes transfer.md/.csv, "
-        "transfer.png and results.json; interrupted runs continue where they stopped when run again.")
+        "transfer.png and results.json, and each network as a training run folder under OUT/runs; interrupted runs "
+        "continue where they stopped (an interrupted network from its last epoch) when run again.")
     p.add_argument("--data", default="digits", help=f"dataset: {DATA_HELP} (default digits)")
     p.add_argument("--model", default="small_cnn", help="zoo model (default small_cnn)")
     p.add_argument("--option", action="append", metavar="KEY=VALUE",
@@ -243,8 +242,6 @@ def _add_visualize(sub) -> None:
 
 
 def run_ablate_cmd(args: argparse.Namespace) -> int:
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
     from cnnkit.analysis.ablate import AblateConfig, apply_settings, parse_grid, run_ablation
     from cnnkit.train.runner import TrainConfig
 
@@ -255,8 +252,7 @@ def run_ablate_cmd(args: argparse.Namespace) -> int:
     _quiet_runner(args.verbose)
     t0 = time.perf_counter()
     try:
-        with logging_redirect_tqdm():
-            result = run_ablation(cfg)
+        result = run_ablation(cfg)
     except KeyboardInterrupt:
         print(INTERRUPTED.format(out=cfg.out), end="", flush=True)
         return 130

@@ -132,31 +132,30 @@ def apply_threads(args: argparse.Namespace) -> None:
 
 
 def config_from_args(args: argparse.Namespace, base):
-    """A TrainConfig: ``base``, then the recipe, then the config file, then the flags the user gave."""
+    """A config of ``base``'s class (TrainConfig or a task's subclass): ``base``, then the recipe, then the
+    config file, then the flags the user gave."""
     from dataclasses import asdict
 
-    from cnnkit.train.config import TrainConfig, read_config_file
+    from cnnkit.train.config import read_config_file
     from cnnkit.train.recipes import get_recipe
 
+    cls = type(base)
     values = asdict(base)
-    from_file = read_config_file(args.config) if getattr(args, "config", None) else {}
+    from_file = read_config_file(args.config, cls) if getattr(args, "config", None) else {}
     recipe = getattr(args, "recipe", None) or from_file.get("recipe")
     if recipe:
         values.update(get_recipe(recipe).values(), recipe=recipe)
     values.update(from_file)
-    values.update({k: v for k, v in vars(args).items() if v is not None and k in TrainConfig.__dataclass_fields__})
-    return TrainConfig.from_dict(values)
+    values.update({k: v for k, v in vars(args).items() if v is not None and k in cls.__dataclass_fields__})
+    return cls.from_dict(values)
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
     from cnnkit.train.runner import TrainConfig, fit
 
     cfg = config_from_args(args, TrainConfig())
     apply_threads(args)
-    with logging_redirect_tqdm():
-        summary = fit(cfg, resume=args.resume)
+    summary = fit(cfg, resume=args.resume)
     if summary["is_main"]:
         _print_summary(summary)
     return 0

@@ -6,10 +6,10 @@
 """
 
 from cnnkit.dense.baseline import patch_by_patch
+from cnnkit.dense.loss import dense_loss
 from cnnkit.dense.net import DenseNet, densify
 from cnnkit.dense.rules import register_function, register_method, register_module
 from cnnkit.dense.tiling import pad_image, patch_span
-from cnnkit.dense.train import dense_loss
 
 __all__ = ["DenseNet", "densify", "patch_by_patch", "dense_loss", "pad_image", "patch_span",
            "register_module", "register_function", "register_method"]

@@ -340,19 +340,29 @@ class LayoutChooser:
     """Times each candidate layout for a layer once and remembers the fastest.
 
     The cache key leaves out the spatial size on purpose: every tile and every image then runs the
-    same layouts, so tiled and untiled results agree bit for bit.
+    same layouts, so tiled and untiled results agree bit for bit. ``pinned`` (layer -> layout name,
+    as :meth:`chosen` returns) fixes choices made earlier: a resumed training run computes with the
+    layouts it started with, so it repeats an uninterrupted run bit for bit.
     """
 
-    def __init__(self, mode: str = "auto"):
+    def __init__(self, mode: str = "auto", pinned: dict[str, str] | None = None):
         if mode not in LAYOUTS:
             raise ValueError(f"mode must be one of {LAYOUTS}, got {mode!r}")
         self.mode = mode
         self.cache: dict[tuple, Candidate] = {}
+        self.pinned = dict(pinned or {})
+
+    def chosen(self) -> dict[str, str]:
+        """Layer -> the layout it runs with (the measured or pinned choices so far)."""
+        return {**self.pinned, **{key[0]: cand.name for key, cand in self.cache.items()}}
 
     def choose(self, key: str, kernel: SpatialKernel, value: Value, dilation: Factors) -> Candidate:
         options = candidates(value.levels, dilation, kernel.kernel, self.mode)
         if len(options) == 1:
             return options[0]
+        named = [c for c in options if c.name == self.pinned.get(key)]
+        if named:
+            return named[0]
         t = value.t
         ck = (key, value.levels, t.shape[1], t.dtype, t.device.type, torch.is_autocast_enabled(t.device.type))
         if ck not in self.cache:

@@ -1,6 +1,6 @@
 """How each kind of layer becomes dense: one small function per module type, function or method.
 
-A rule gets the :class:`~cnnkit.dense.convert.Converter` (patch-net facts: ``cv.infos`` per node,
+A rule gets the :class:`~cnnkit.dense.graph.Converter` (patch-net facts: ``cv.infos`` per node,
 ``cv.shape(node)``, ``cv.concrete(arg)``), the fx node and, for modules, the module itself; it
 returns the dense :class:`Step` and the node's :class:`Info`. Adding a layer type is one function:
 
@@ -15,8 +15,9 @@ returns the dense :class:`Step` and the node's :class:`Info`. Adding a layer typ
 Anything without a rule is refused with the layer's name: it could mix pixels in a way that has no
 exact dense form. Rules refuse, naming the layer, whatever they cannot make exact. This file holds
 the registry and the helpers; the rules for PyTorch's and cnnkit's layers are in
-``rules_window`` (convolutions, FC, pooling) and ``rules_pointwise`` (activations, norms, cat,
-reshapes).
+``rules_window`` (convolutions, FC, pooling), ``rules_pointwise`` (activations, norms, cat,
+reshapes) and ``rules_cnnkit`` (cnnkit's own layers); they import this file, and
+:mod:`cnnkit.dense.convert` imports them all, which fills the tables before any conversion.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from dataclasses import replace
 import torch.fx as fx
 from torch import nn
 
-from cnnkit.dense.convert import AUX, Converter, Info, OriginalStep, PointwiseStep, SpatialStep
+from cnnkit.dense.graph import AUX, Converter, Info, OriginalStep, PointwiseStep, SpatialStep
 from cnnkit.dense.ops import prod
 
 Rule = Callable[[Converter, fx.Node, "nn.Module | None"], tuple]
@@ -198,7 +199,3 @@ def channel_dim(cv: Converter, node: fx.Node, dim, x: Info) -> int:
                   "is position-wise")
     return 1
 
-
-
-# the rule tables are filled by importing these (they import the helpers above)
-from cnnkit.dense import rules_cnnkit, rules_pointwise, rules_window  # noqa: E402, F401

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnkit.dense.convert import _SHAPE_BATCH, AUX, CatStep, IdentityStep, SizeStep
+from cnnkit.dense.graph import _SHAPE_BATCH, AUX, CatStep, IdentityStep, SizeStep
 from cnnkit.dense.ops import prod
 from cnnkit.dense.rules import (
     arg,

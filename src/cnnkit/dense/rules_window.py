@@ -10,7 +10,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from cnnkit.dense.convert import Converter, Info, SpatialStep
+from cnnkit.dense.graph import Converter, Info, SpatialStep
 from cnnkit.dense.ops import AvgPoolKernel, ConvKernel, MaxPoolKernel, prod
 from cnnkit.dense.rules import (
     FUNCTION_RULES,

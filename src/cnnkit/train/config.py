@@ -15,7 +15,8 @@ from pathlib import Path
 
 from cnnkit.errors import ConfigError
 
-SCHEDULES = ("step", "plateau", "piecewise", "none")
+SCHEDULES = ("step", "plateau", "piecewise", "cosine", "none")
+OPTIMIZERS = ("sgd", "adam")
 MEAN_MODES = ("image", "channel")
 WEIGHT_AVERAGES = ("none", "polyak", "ema")
 
@@ -31,6 +32,7 @@ class TrainConfig:
     epochs: int = 20
     batch_size: int = 64  # the global batch: split over the processes of a distributed run
     lr: float = 0.05
+    optimizer: str = "sgd"  # "sgd" (with momentum, the papers') or "adam"
     momentum: float = 0.9
     weight_decay: float = 5e-4
     schedule: str = "step"
@@ -71,7 +73,9 @@ class TrainConfig:
         checks = [
             (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
             (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
-            (self.lr > 0, f"--lr must be positive, got {self.lr}"),
+            (math.isfinite(self.lr) and self.lr > 0, f"--lr must be positive, got {self.lr}"),
+            (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got "
+             f"{self.optimizer!r}"),
             (0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}"),
             (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
             (self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}"),
@@ -100,12 +104,20 @@ class TrainConfig:
             if not steps or any(len(s) != 2 or s[0] < 1 or s[1] <= 0 for s in steps):
                 raise ConfigError("schedule 'piecewise' needs lr_steps = [[first_epoch, factor], ...] with "
                                   "epochs >= 1 and factors > 0, e.g. [[1, 1.0], [3, 0.4]]")
+        for name, value in asdict(self).items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+        self.check_model()
+
+    def check_model(self) -> None:
+        """An unknown model name is a ConfigError (raised before anything is built or written)."""
         from cnnkit.models import model_info
 
-        model_info(self.model)  # unknown model -> ConfigError
+        model_info(self.model)
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
+        """A config of this class from a dict (unknown keys, e.g. another task's, are left out)."""
         known = {f.name for f in fields(cls)}
         cfg = cls(**{k: v for k, v in d.items() if k in known})
         for name in ("input_size", "load_size"):
@@ -138,7 +150,7 @@ def parse_size(value, name: str = "size") -> tuple[int, int]:
 # --------------------------------------------------------------------------- files
 
 
-def read_config_file(path: str | Path) -> dict:
+def read_config_file(path: str | Path, cls: type = TrainConfig) -> dict:
     """The settings of a TOML (.toml) or YAML (.yaml/.yml, needs PyYAML) file, keys as TrainConfig fields.
 
     A ``recipe`` key names the recipe the file starts from. Unknown keys are an error.
@@ -161,7 +173,7 @@ def read_config_file(path: str | Path) -> dict:
         doc = _load_toml(text, path)
     if not isinstance(doc, dict):
         raise ConfigError(f"{path} must hold key = value settings at the top level")
-    known = {f.name for f in fields(TrainConfig)}
+    known = {f.name for f in fields(cls)}
     settings = {}
     for key, value in doc.items():
         name = str(key).replace("-", "_")

@@ -27,7 +27,10 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _bar(iterable: Iterable, progress: bool | None, desc: str, total: int | None = None):
+def bar(iterable: Iterable, progress: bool | None, desc: str, total: int | None = None):
+    """A progress bar on a terminal (or when ``progress``), nothing otherwise."""
+    if total is None:
+        total = _len(iterable)
     disable = not sys.stderr.isatty() if progress is None else not progress
     return tqdm(iterable, desc=desc, total=total, leave=False, disable=disable, dynamic_ncols=True)
 
@@ -82,8 +85,8 @@ def train_one_epoch(
     meter = ClassificationMeter(num_classes)
     if augment is not None and generator is None:
         generator = torch.Generator().manual_seed(0)
-    bar = _bar(loader, progress, f"epoch {epoch} train", total=_len(loader))
-    for batch, (x, y) in enumerate(bar, start=1):
+    steps = bar(loader, progress, f"epoch {epoch} train", total=_len(loader))
+    for batch, (x, y) in enumerate(steps, start=1):
         lo, hi, n_global = layout[batch - 1] if layout is not None else (0, len(y), len(y))
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if augment is not None:
@@ -91,28 +94,43 @@ def train_one_epoch(
         x = _prepare(x, device, mean, channels_last)
         with autocast(device, precision):
             scores, loss = total_loss(loss_fn, model(x), y, aux_weight)
-        value = loss.item()
-        if not math.isfinite(value):
-            lr = optimizer.param_groups[0]["lr"]
-            raise TrainingError(
-                f"loss became {value} at epoch {epoch}, batch {batch}; lower the learning rate "
-                f"(--lr, now {lr:g}) or check the data for NaN/inf values"
-            )
-        if world_size > 1:  # DDP averages gradients over ranks: weight so that the result is the global mean
-            loss = loss * (len(y) * world_size / n_global)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        value = optimizer_step(loss, optimizer, epoch=epoch, batch=batch, n_local=len(y), n_global=n_global,
+                               world_size=world_size, scaler=scaler)
         if averaged is not None:
             averaged.update_parameters(averaged_source if averaged_source is not None else model)
         meter.update(scores, y, value)
-        bar.set_postfix(loss=f"{value:.4f}", refresh=False)
+        steps.set_postfix(loss=f"{value:.4f}", refresh=False)
     return meter.all_reduce(device).result(), meter.confusion
+
+
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, *, epoch: int, batch: int,
+                   n_local: int, n_global: int, world_size: int = 1,
+                   scaler: torch.amp.GradScaler | None = None) -> float:
+    """One SGD step on ``loss``, this process's mean over its ``n_local`` items of a global batch of
+    ``n_global``; returns the loss value. Every task's training step ends here.
+
+    A non-finite loss stops training with a TrainingError (no checkpoint of the diverged state is
+    written). Under DDP, which averages gradients over processes, the loss is weighted by
+    ``n_local * world_size / n_global`` so that the result is the gradient of the global batch's mean.
+    """
+    value = loss.item()
+    if not math.isfinite(value):
+        lr = optimizer.param_groups[0]["lr"]
+        raise TrainingError(
+            f"loss became {value} at epoch {epoch}, batch {batch}; lower the learning rate "
+            f"(--lr, now {lr:g}) or check the data for NaN/inf values"
+        )
+    if world_size > 1:
+        loss = loss * (n_local * world_size / n_global)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    return value
 
 
 @torch.no_grad()
@@ -136,7 +154,7 @@ def evaluate(
     """
     model.eval()
     meter = ClassificationMeter(num_classes)
-    for x, y in _bar(loader, progress, desc, total=_len(loader)):
+    for x, y in bar(loader, progress, desc, total=_len(loader)):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if view is not None:
             x = view(x, None)

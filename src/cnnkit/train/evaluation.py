@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader
 
 from cnnkit.data import IMAGE_EXTENSIONS, load_dataset, load_image
-from cnnkit.errors import DataError
+from cnnkit.errors import CheckpointError, DataError
 from cnnkit.train.checkpoint import Checkpoint, load_checkpoint
 from cnnkit.train.metrics import topk_error
 from cnnkit.train.plots import plot_confusion
@@ -42,8 +42,8 @@ def evaluate_checkpoint(path, *, data: str | None = None, split: str = "val", de
     ``average``) on a split of its data (or of ``data``) under the test protocol ``tta``."""
     if out is not None:
         ensure_writable_dir(out)
-    ckpt = load_checkpoint(path)
-    others = [load_checkpoint(p) for p in average]
+    ckpt = _classification_checkpoint(path, "cnnkit segment eval")
+    others = [_classification_checkpoint(p, "cnnkit segment eval") for p in average]
     for other in others:
         if list(other.classes) != list(ckpt.classes):
             raise DataError(f"{other.meta['path']} has classes {other.classes[:6]}... but {path} has "
@@ -92,9 +92,18 @@ def expand_image_paths(paths: list[Path]) -> list[Path]:
     return files
 
 
+def _classification_checkpoint(path, instead: str):
+    """A classification checkpoint; a segmentation one is refused with the command that takes it."""
+    ckpt = load_checkpoint(path)
+    task = ckpt.meta.get("task", "classify")
+    if task != "classify":
+        raise CheckpointError(f"{path} is a {task!r} checkpoint (pixelwise labels); use `{instead} {path}`")
+    return ckpt
+
+
 def predict_files(path, images: list[Path], *, topk: int = 3, device: str = "auto") -> list[dict]:
     """Top-k classes with probabilities for each image file."""
-    ckpt = load_checkpoint(path)
+    ckpt = _classification_checkpoint(path, "cnnkit segment predict")
     files = expand_image_paths(images)
     load = _sizes(ckpt)[1]  # loaded as in training, then the central crop
     x = torch.stack([load_image(f, channels=ckpt.meta["channels"], size=load) for f in files])  # (N, C, H, W)

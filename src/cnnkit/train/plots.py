@@ -19,16 +19,21 @@ def save_figure(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_training_curves(rows: list[dict], path: Path, title: str = "") -> None:
-    """Loss (left) and top-1 accuracy (right) per epoch, train and validation."""
+def plot_training_curves(rows: list[dict], path: Path, title: str = "",
+                         metrics: list[tuple[str, str]] | None = None) -> None:
+    """Loss (left, train and held-out) and the chosen metric columns (right) per epoch.
+
+    ``metrics``: (column, label) pairs; default train and held-out top-1 accuracy."""
+    metrics = metrics or [("train_acc1", "train top-1"), ("val_acc1", "held-out top-1")]
     epochs = [r["epoch"] for r in rows]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
     ax_loss.plot(epochs, [r["train_loss"] for r in rows], "o-", label="train")
-    ax_loss.plot(epochs, [r["val_loss"] for r in rows], "s-", label="validation")
+    ax_loss.plot(epochs, [r["val_loss"] for r in rows], "s-", label="held-out")
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy loss", yscale="log", title="loss")
-    ax_acc.plot(epochs, [r["train_acc1"] for r in rows], "o-", label="train")
-    ax_acc.plot(epochs, [r["val_acc1"] for r in rows], "s-", label="validation")
-    ax_acc.set(xlabel="epoch", ylabel="top-1 accuracy", title="accuracy", ylim=(0, 1.01))
+    for (column, label), marker in zip(metrics, "os^vD*"):
+        ax_acc.plot(epochs, [r.get(column, float("nan")) for r in rows], f"{marker}-", label=label)
+    ax_acc.set(xlabel="epoch", ylabel="score", title="held-out scores" if len(metrics) > 2 else "accuracy",
+               ylim=(0, 1.01))
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend()
