@@ -305,6 +305,9 @@ def predict_files(segmenter: Segmenter, files: Sequence[Path], out: str | Path, 
         if stems.setdefault(f.stem, f) != f:
             raise DataError(f"images {stems[f.stem]} and {f} have the same name and would write the same outputs; "
                             "rename one or predict them into separate folders")
+    if segmenter.meta.get("valid_region") and all(v is None for v in valid_files):
+        log.warning("the checkpoint was trained with valid-region masks, which set each image's standardisation; "
+                    "without --valid the whole image is used and results differ: pass --valid DIR")
     out = ensure_writable_dir(out)
     mine = list(zip(files, valid_files))[rank::world_size]
     k = segmenter.num_classes

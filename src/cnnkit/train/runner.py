@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from cnnkit.errors import CheckpointError
+from cnnkit.errors import CheckpointError, OutputError
 from cnnkit.train import distributed
 from cnnkit.train.checkpoint import (
     Checkpoint,
@@ -127,6 +127,65 @@ def _resumed_config(cfg: TrainConfig, ckpt: Checkpoint, last_path: Path, task: T
     return saved
 
 
+class RunLock:
+    """An exclusive lock on a run folder (``.lock``, flock): a second process training into the same folder
+    is refused with one line naming the holder. The operating system releases the lock when its holder
+    dies, so a killed run's folder is taken over without any clean-up."""
+
+    def __init__(self, out: Path):
+        self.path, self.fd = out / ".lock", None
+
+    def __enter__(self) -> RunLock:
+        import fcntl
+        import os
+        import socket
+
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise OutputError(f"cannot create {self.path} ({exc.strerror}); pass a writable --out") from None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(self.fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(self.fd)
+            self.fd = None
+            raise OutputError(f"run folder {self.path.parent} is in use by {holder}; wait for it to finish or "
+                              "choose another --out") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import os
+
+        if self.fd is not None:
+            os.close(self.fd)  # releases the lock; the file stays (removing it would race a waiting process)
+            self.fd = None
+
+
+def _clean_stale_files(out: Path) -> None:
+    """Temporary files of an interrupted write (atomic_path's ``.NAME.XXXX.tmp``) are garbage."""
+    for p in out.glob(".*.tmp"):
+        p.unlink(missing_ok=True)
+
+
+def _repair_best(out: Path, history: list[dict], key: str) -> None:
+    """A kill between writing last.safetensors and copying it to best.safetensors, in the epoch that was
+    the best, would leave best.safetensors an older epoch: copy it again (last holds that epoch)."""
+    last_path, best_path = out / "last.safetensors", out / "best.safetensors"
+    if not history or not last_path.exists():
+        return
+    best_epoch = max(history, key=lambda r: r[key])["epoch"]
+    if best_epoch != history[-1]["epoch"]:
+        return
+    current = load_checkpoint(best_path).epoch if best_path.exists() else None
+    if current != best_epoch:
+        log.info("best.safetensors held epoch %s, not the best epoch %d: restored from last.safetensors",
+                 current, best_epoch)
+        _copy_atomic(last_path, best_path)
+
+
 def fit(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = None, task: Task | None = None) -> dict:
     """Train ``cfg.model`` on ``cfg.data`` as ``task`` (default: image classification); returns a summary
     (metrics of the last and best epochs, paths, epochs run).
@@ -143,7 +202,8 @@ def fit(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = None,
     except BaseException:
         ctx.close(failed=True)
         out = Path(cfg.out)
-        if ctx.is_main and created and out.is_dir() and not any(out.iterdir()):
+        if ctx.is_main and created and out.is_dir() and all(p.name == ".lock" for p in out.iterdir()):
+            (out / ".lock").unlink(missing_ok=True)  # nothing else was written: leave no folder behind
             out.rmdir()
         raise
     ctx.close()
@@ -155,6 +215,14 @@ def _fit(cfg: TrainConfig, ctx, resume: bool, progress, task: Task) -> dict:
         logging.getLogger("cnnkit").setLevel(logging.WARNING)
     cfg.validate()
     out = ensure_writable_dir(cfg.out)
+    if not ctx.is_main:
+        return _fit_locked(cfg, ctx, resume, progress, task, out)
+    with RunLock(out):
+        _clean_stale_files(out)
+        return _fit_locked(cfg, ctx, resume, progress, task, out)
+
+
+def _fit_locked(cfg: TrainConfig, ctx, resume: bool, progress, task: Task, out: Path) -> dict:
     last_path, best_path = out / "last.safetensors", out / "best.safetensors"
     ckpt = None
     if resume:
@@ -177,6 +245,9 @@ def _fit(cfg: TrainConfig, ctx, resume: bool, progress, task: Task) -> dict:
     if ckpt is not None:
         history, start = _restore(ckpt, model, averaged, optimizer, scheduler, last_path)
         task.restore(ckpt)
+        if ctx.is_main:  # a kill may have come between the epoch's files
+            _repair_best(out, history, task.select_key)
+            _write_metrics(out / "metrics.csv", history, task.metric_columns)
         log.info("resuming %s from epoch %d on %d process(es)", out, start - 1, ctx.world_size)
     else:
         task.init_state(cfg)
