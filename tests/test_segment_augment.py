@@ -132,8 +132,13 @@ def test_spec_round_trips_and_names_the_valid_ones():
     image, target, valid = _labelled()
     out = identity(image, target, None, torch.Generator())
     assert torch.equal(out[0], image) and torch.equal(out[1], target) and out[2].all()
-    with pytest.raises(ConfigError, match="unknown augmentation 'flip'.*dihedral, elastic, intensity"):
-        JointAugment.from_spec("dihedral,flip")
+    with pytest.raises(ConfigError, match="unknown augmentation 'rotate'.*flip, dihedral, elastic, intensity"):
+        JointAugment.from_spec("dihedral,rotate")
+    assert JointAugment.from_spec("flip").symmetries() == [0, 4]
+    assert JointAugment.from_spec("flip,dihedral").symmetries() == list(range(8))
+    assert JointAugment.from_spec("intensity").symmetries() == [0]
+    flips = {JointAugment.from_spec("flip").draw(torch.Generator().manual_seed(s), (4, 4)).k for s in range(20)}
+    assert flips == {0, 4}
     for bad in ("elastic=3", "elastic=-1:2", "intensity=2", "dihedral=1", "intensity=x"):
         with pytest.raises(ConfigError, match="bad value in --augment"):
             JointAugment.from_spec(bad)

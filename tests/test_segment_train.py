@@ -58,6 +58,7 @@ def test_a_training_item_is_the_dense_net_on_the_whole_image():
     model = model.double().eval()
     image = torch.rand(2, 30, 27, dtype=torch.float64)
     target = torch.randint(0, 3, (30, 27))
+    target[:4] = IGNORE_INDEX  # crops are centred on labelled pixels
     sample = SegmentationSample("x", image, target)
     for border in ("reflect", "zeros"):
         items = CropDataset([sample], 11, patch, border, JointAugment.from_spec("none"), 3, seed=4)
@@ -65,13 +66,22 @@ def test_a_training_item_is_the_dense_net_on_the_whole_image():
         whole = dense(image[None])[0]
         for i in range(3):
             x, y = items[i]
-            g = torch.Generator().manual_seed(epoch_seed_item(4, 0, i))
-            top, left = int(torch.randint(30 - 11 + 1, (1,), generator=g)), int(torch.randint(27 - 11 + 1, (1,),
-                                                                                                generator=g))
+            top, left = items.position(0, torch.Generator().manual_seed(epoch_seed_item(4, 0, i)))
             assert x.shape == (2, 11 + 17 - 1, 11 + 17 - 1)
             torch.testing.assert_close(CropNet(dense)(x[None])[0], whole[:, top:top + 11, left:left + 11],
                                        rtol=1e-12, atol=1e-12)
             assert torch.equal(y, target[top:top + 11, left:left + 11])
+            assert 0 <= top <= 30 - 11 and 0 <= left <= 27 - 11
+
+
+def test_crops_are_centred_on_labelled_pixels():
+    target = torch.full((40, 40), IGNORE_INDEX)
+    target[30:, 30:] = 1  # the only labelled corner
+    items = CropDataset([SegmentationSample("x", torch.rand(1, 40, 40), target)], 8, (3, 3), "zeros",
+                        JointAugment.from_spec("none"), 20, seed=0)
+    for i in range(20):
+        x, y = items[i]
+        assert (y != IGNORE_INDEX).any()
 
 
 def test_training_crops_are_standardised_like_prediction():

@@ -77,19 +77,20 @@ class ConsoleHandler(logging.Handler):
             self.handleError(record)
 
 
-def _configure_logging(verbose: bool) -> None:
+def _configure_logging(verbose: bool, quiet: bool = False) -> None:
     root = logging.getLogger()
     root.handlers = [h for h in root.handlers if not isinstance(h, ConsoleHandler)]
     handler = ConsoleHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     root.addHandler(handler)
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    root.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _configure_logging(args.verbose)
+    # progress messages share stdout with the output: none when the output is JSON for a program to read
+    _configure_logging(args.verbose, quiet=bool(getattr(args, "json", False)))
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -30,7 +30,8 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"[1] LeNet-5 on handwritten digits: {cfg.epochs} epochs of SGD (lr {cfg.lr}, momentum {cfg.momentum}), "
           f"mean-image subtraction; run folder {cfg.out}")
     t0 = time.perf_counter()
-    summary = fit(cfg, resume=args.resume)
+    # a second `make demo` continues (or just reports) the run already in the folder
+    summary = fit(cfg, resume=args.resume or (Path(cfg.out) / "last.safetensors").exists())
     final = summary["final"]
     print(f"    held-out top-1 accuracy: {final['val_acc1']:.4f}  (top-1 error {1 - final['val_acc1']:.4f}) "
           f"in {time.perf_counter() - t0:.1f} s")

@@ -108,7 +108,7 @@ def add_train_parser(segsub) -> argparse.ArgumentParser:
                    f"(default: {d.contrast})")
     g.add_argument("--augment", default=None, metavar="SPEC",
                    help="joint image/mask augmentation: dihedral (8 flips/quarter turns), elastic[=ALPHA:SIGMA], "
-                   f"intensity[=S], or none (default: {d.augment})")
+                   f"intensity[=S], flip (left-right), or none (default: {d.augment})")
     g = p.add_argument_group("model and loss")
     g.add_argument("--model", default=None, metavar="NAME|MODULE:FUNCTION",
                    help="a patch net of the registry (segment, toy, descriptor, liskowski, ciresan_n1..n4; see "

@@ -10,6 +10,7 @@ applies that one draw to
 - the valid region, (H, W) bool (None = everything valid): nearest.
 
 =================  ================================================================================
+``flip``           left-right mirror with probability 1/2 (safe for most scenes; the default)
 ``dihedral``       one of the 8 symmetries of the square, uniformly: k & 4 flips left-right first,
                    k & 3 quarter turns follow (rotations swap H and W of a non-square image)
 ``elastic=A:S``    Simard, Steinkraus, Platt, ICDAR 2003, Sec. 2: every pixel's displacement is
@@ -36,8 +37,8 @@ from kornia.filters import gaussian_blur2d
 from cnnkit.errors import ConfigError
 from cnnkit.segmentation.data import IGNORE_INDEX
 
-AUGMENT_NAMES = ("dihedral", "elastic", "intensity")
-DEFAULT_AUGMENT = "dihedral,intensity=0.1"
+AUGMENT_NAMES = ("flip", "dihedral", "elastic", "intensity")
+DEFAULT_AUGMENT = "flip,intensity=0.1"
 ELASTIC_DEFAULT = (34.0, 4.0)  # Simard et al. 2003 on MNIST: alpha 34, sigma 4 (pixels)
 INTENSITY_DEFAULT = 0.1
 NORMALIZE_MODES = ("image", "none")
@@ -127,6 +128,7 @@ class AugmentDraw:
 class JointAugment:
     """The augmentations of one spec string; the empty spec is the identity."""
 
+    flip: bool = False  # left-right mirror (the symmetries {0, 4}); dihedral includes it
     dihedral: bool = False
     elastic: tuple[float, float] | None = None  # (alpha, sigma) in pixels
     intensity: float = 0.0
@@ -150,8 +152,13 @@ class JointAugment:
             raise ConfigError(f"image_mode must be 'bilinear' or 'nearest', got {image_mode!r}")
         return cls(image_mode=image_mode, **kw)
 
+    def symmetries(self) -> list[int]:
+        """The dihedral symmetries (see :func:`dihedral`) training draws from: what test-time averaging
+        may use without showing the net something it never saw (e.g. upside-down street scenes)."""
+        return list(range(8)) if self.dihedral else [0, 4] if self.flip else [0]
+
     def spec(self) -> str:
-        parts = ["dihedral"] if self.dihedral else []
+        parts = ["dihedral"] if self.dihedral else ["flip"] if self.flip else []
         if self.elastic is not None:
             parts.append(f"elastic={self.elastic[0]:g}:{self.elastic[1]:g}")
         if self.intensity:
@@ -161,6 +168,8 @@ class JointAugment:
     def draw(self, generator: torch.Generator, size: tuple[int, int]) -> AugmentDraw:
         """The parameters for one (H, W) image, drawn in a fixed order from ``generator``."""
         k = int(torch.randint(8, (1,), generator=generator)) if self.dihedral else None
+        if self.flip and not self.dihedral:
+            k = 4 * int(torch.randint(2, (1,), generator=generator))
         field = elastic_field(size, *self.elastic, generator) if self.elastic is not None else None
         if not self.intensity:
             return AugmentDraw(k, field)
@@ -194,7 +203,7 @@ class JointAugment:
 
 def _parse_value(name: str, value: str, spec: str):
     try:
-        if name == "dihedral":
+        if name in ("dihedral", "flip"):
             if value:
                 raise ValueError
             return True
@@ -208,7 +217,8 @@ def _parse_value(name: str, value: str, spec: str):
             raise ValueError
         return strength
     except ValueError:
-        forms = {"dihedral": "dihedral (no value)", "elastic": "elastic=ALPHA:SIGMA (pixels, alpha >= 0, sigma > 0)",
+        forms = {"dihedral": "dihedral (no value)", "flip": "flip (no value)",
+                 "elastic": "elastic=ALPHA:SIGMA (pixels, alpha >= 0, sigma > 0)",
                  "intensity": "intensity=S (0 <= S < 1)"}
         raise ConfigError(f"bad value in --augment {spec!r}: write {forms[name]}") from None
 

@@ -44,12 +44,12 @@ def run_pixelwise_demo(out_dir: Path, seed: int = 0) -> dict:
     images and write ``pixelwise_demo.png``. Returns pixel accuracy, mean IoU, per-class IoU, the largest
     difference between the dense output and patch-by-patch on sampled pixels, timings and the picture."""
     cfg = SegmentConfig(data="generated", generated_count=40, val_fraction=0.2, model="segment",
-                        model_options={"width": 12, "patch": 18}, epochs=20, lr=3e-3, batch_size=4, crop=64,
+                        model_options={"width": 12, "patch": 18}, epochs=20, lr=3e-3, batch_size=2, crop=64,
                         crops_per_image=1, out=str(out_dir), seed=seed, threshold_tta=False)
     test = generate_textured_shapes(8, 64, seed=seed + 1000)
     with _threads(1):
         start = time.perf_counter()
-        summary = fit_segmentation(cfg, progress=False)
+        summary = fit_segmentation(cfg, resume=(Path(cfg.out) / "last.safetensors").exists(), progress=False)
         train_seconds = time.perf_counter() - start
         segmenter = Segmenter(summary["best_checkpoint"], tta=False)
         meter = SegmentationMeter(3)

@@ -161,7 +161,8 @@ class Segmenter:
         ``valid`` (H, W) bool is the region the preprocessing takes its statistics from."""
         image = image.to(self.device, self.dtype)
         valid = None if valid is None else valid.to(self.device)
-        transforms = range(8) if self.tta else (0,)
+        # the symmetries the net was trained with (all 8 for checkpoints that do not say)
+        transforms = self.meta.get("symmetries", list(range(8))) if self.tta else (0,)
         total = None
         for member in self.members:
             x = preprocess(image, valid, **member.preprocess)  # (C, H, W)

@@ -172,8 +172,9 @@ class CropDataset(Dataset):
         self.window = self.crop + patch[0] - 1
         self.epoch = 0
         m = self.margin
-        self.padded = []
+        self.padded, self.labelled = [], []
         for s in samples:
+            self.labelled.append((s.target.flatten() != IGNORE_INDEX).nonzero().squeeze(1).int())
             image = _pad(s.image[None], m, border)[0]
             target = F.pad(s.target, (m, m, m, m), value=IGNORE_INDEX)
             valid = s.valid if s.valid is not None else torch.ones(s.target.shape, dtype=torch.bool)
@@ -182,14 +183,22 @@ class CropDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples) * self.per_image
 
+    def position(self, k: int, g: torch.Generator) -> tuple[int, int]:
+        """Top-left corner of a crop of image k: centred on a labelled pixel drawn uniformly (so no step is
+        spent on unlabelled margins such as the black corners of a fundus image), kept inside the image."""
+        h, w = self.samples[k].target.shape
+        labelled = self.labelled[k]
+        flat = int(labelled[torch.randint(len(labelled), (1,), generator=g)]) if len(labelled) else 0
+        cy, cx = divmod(flat, w)
+        c = self.crop
+        return min(max(cy - c // 2, 0), h - c), min(max(cx - c // 2, 0), w - c)
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         g = torch.Generator().manual_seed(epoch_seed_item(self.seed, self.epoch, i))
         image, target, valid = self.padded[i % len(self.samples)]
         affine = self.affine[i % len(self.samples)]
-        h, w = target.shape[0] - 2 * self.margin, target.shape[1] - 2 * self.margin
         c, m = self.crop, self.margin
-        top = int(torch.randint(h - c + 1, (1,), generator=g))
-        left = int(torch.randint(w - c + 1, (1,), generator=g))
+        top, left = self.position(i % len(self.samples), g)
         box = (slice(top, top + c + 2 * m), slice(left, left + c + 2 * m))
         x, y, v = image[(slice(None), *box)], target[box], valid[box]
         x, y, v = self.augment(x, y, v, g)
@@ -368,6 +377,7 @@ class SegmentationTask(Task):
                 "threshold": threshold, "positive_class": cfg.positive_class,
                 "palette": cfg.palette or None, "ignore_value": cfg.ignore_value, "mask_mode": cfg.mask_mode,
                 "valid_region": cfg.valid is not None, "select": self.key,
+                "symmetries": JointAugment.from_spec(cfg.augment).symmetries(),
                 "layouts": self.dense.core.chooser.chosen()}
 
     def restore(self, ckpt) -> None:

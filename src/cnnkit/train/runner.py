@@ -225,6 +225,9 @@ def _fit(cfg: TrainConfig, ctx, resume: bool, progress, task: Task) -> dict:
 def _fit_locked(cfg: TrainConfig, ctx, resume: bool, progress, task: Task, out: Path) -> dict:
     last_path, best_path = out / "last.safetensors", out / "best.safetensors"
     ckpt = None
+    if not resume and last_path.exists():
+        raise CheckpointError(f"{out} already holds a run (last.safetensors); pass --resume to continue it, or "
+                              "choose another --out (or delete the folder) to start afresh")
     if resume:
         if not last_path.exists():
             raise CheckpointError(f"nothing to resume in {out} (no last.safetensors); "
