@@ -3,7 +3,7 @@ import pickle
 import pytest
 import torch
 
-from cnnkit.errors import CheckpointError
+from cnnkit.errors import CheckpointError, OutputError
 from cnnkit.models import create
 from cnnkit.train.checkpoint import (
     Checkpoint,
@@ -106,7 +106,7 @@ def test_failed_write_keeps_previous_file(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(mod, "save_file", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(OutputError, match=f"cannot write {path}: disk full"):  # one line naming the file
         save_checkpoint(path, ckpt)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["c.safetensors"]

@@ -70,12 +70,17 @@ def test_fully_convolutional_in_float64():
 def test_atomic_files_get_the_usual_permissions(tmp_path):
     import os
 
-    from cnnkit.utils import write_text_atomic
+    from safetensors.torch import save_file
+
+    from cnnkit.utils import atomic_path, write_text_atomic
 
     write_text_atomic(tmp_path / "a.txt", "x")
+    with atomic_path(tmp_path / "w.safetensors") as tmp:  # safetensors writes its files 0600
+        save_file({"w": torch.zeros(2)}, str(tmp))
     mask = os.umask(0)
     os.umask(mask)
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o666 & ~mask
+    assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask
 
 
 def test_lrn_runs_in_bfloat16_on_cpu():

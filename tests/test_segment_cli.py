@@ -72,6 +72,9 @@ def test_predict_and_eval_a_trained_checkpoint(checkpoint, data_dir, tmp_path):
     done = cnnkit("segment", "predict", str(checkpoint), "--images", str(data_dir / "images"), "--out", str(out),
                   "--max-memory", "4", "--no-tta")
     assert done.returncode == 0, done.stderr
+    # trained with --valid, predicted without: one warning line on stderr, the outputs still written
+    assert done.stderr.startswith("warning: the checkpoint was trained with valid-region masks")
+    assert done.stderr.count("\n") == 1
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(f"generated_00{i}_{kind}.png" for i in range(3) for kind in ("labels", "overlay",
                                                                                             "prob_0", "prob_1",
@@ -79,7 +82,7 @@ def test_predict_and_eval_a_trained_checkpoint(checkpoint, data_dir, tmp_path):
     labels = np.asarray(Image.open(out / "generated_000_labels.png"))
     assert labels.shape == (40, 40) and labels.max() <= 2
     done = cnnkit("segment", "eval", str(checkpoint), "--data", str(data_dir), "--valid", "fov", "--no-tta",
-                  "--out", str(tmp_path / "m.json"))
+                  "--mask-mode", "index", "--threads", "1", "--out", str(tmp_path / "m.json"))
     assert done.returncode == 0, done.stderr
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert 0 <= metrics["pixel_accuracy"] <= 1 and len(metrics["per_class_iou"]) == 3

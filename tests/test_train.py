@@ -179,9 +179,10 @@ def test_unwritable_output_folder(tmp_path, capsys):
     assert_one_line_error(code, err, "not writable", "--out")
 
 
-def test_resume_without_a_run(tmp_path, capsys):
-    code, _, err = run_cli(capsys, "train", "--resume", "--out", tmp_path / "fresh")
-    assert_one_line_error(code, err, "nothing to resume")
+def test_resume_without_a_checkpoint_starts_the_run(tmp_path):
+    # a run killed before its first checkpoint is resumed by the same command + --resume
+    summary = fit(quick(tmp_path, epochs=1), resume=True, progress=False)
+    assert summary["epochs"] == 1 and load_checkpoint(tmp_path / "run" / "last.safetensors").epoch == 1
 
 
 def test_error_from_a_dataloader_worker_is_one_line():

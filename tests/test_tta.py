@@ -99,18 +99,20 @@ def digits_on_canvas(images, generator, centred):
     return out
 
 
-@pytest.fixture(scope="module")
-def trained():
+SEEDS = (0, 1, 2)
+
+
+def train_small_net(seed: int):
     """A small net trained (cnnkit's engine, random 16 x 16 crops and flips) on digits centred on their
     canvas, like objects in photos; held-out digits sit anywhere, so a central crop often cuts them."""
     from sklearn.datasets import load_digits
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     digits = load_digits()
     x = torch.tensor(digits.images / 16.0, dtype=torch.float32)[:, None]
     x = F.interpolate(x, size=(DIGIT, DIGIT), mode="bilinear", align_corners=False).clamp(0, 1)
     y = torch.tensor(digits.target)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(x), generator=g)
     train, held = order[:1400], order[1400:]
     x_train, x_held = digits_on_canvas(x[train], g, True), digits_on_canvas(x[held], g, False)
@@ -120,9 +122,9 @@ def trained():
     augment = parse_augment("crop,flip", (INPUT, INPUT))
     for epoch in range(25):
         loader = DataLoader(TensorDataset(x_train, y[train]), batch_size=32, shuffle=True,
-                            generator=torch.Generator().manual_seed(epoch))
+                            generator=torch.Generator().manual_seed(1000 * seed + epoch))
         train_one_epoch(net, loader, optimizer, device=torch.device("cpu"), num_classes=10, mean=mean,
-                        augment=augment, generator=torch.Generator().manual_seed(100 + epoch))
+                        augment=augment, generator=torch.Generator().manual_seed(1000 * seed + 100 + epoch))
     return net, mean, DataLoader(TensorDataset(x_held, y[held]), batch_size=128)
 
 
@@ -132,16 +134,23 @@ def held_out_accuracy(trained, mode, scales=()):
 
 
 @pytest.mark.slow
-def test_ten_crop_and_multiscale_beat_one_central_crop(trained):
-    # Measured over seeds 0-5 of this setting: centre 0.47-0.55, 10-crop +0.12..+0.22,
-    # multi-scale (Q = 24, 28, 32) +0.14..+0.22; the margin asserted is half the smallest gain.
-    center = held_out_accuracy(trained, "center")
-    ten = held_out_accuracy(trained, "10crop")
-    multi = held_out_accuracy(trained, "multiscale", (CANVAS - 4, CANVAS, CANVAS + 4))
-    print(f"held-out top-1: center {center:.4f}, 10-crop {ten:.4f}, multi-scale {multi:.4f}")
-    assert center > 0.4  # the model did learn
-    assert ten > center + 0.06
-    assert multi > center + 0.06
+def test_ten_crop_and_multiscale_beat_one_central_crop():
+    # One training run is a noisy sample: its float path (CPU kind, thread count) moves a single run's
+    # gains between +0.02 and +0.22 (measured over seeds 0-5 on two machines: centre 0.46-0.55, 10-crop
+    # +0.02..+0.22, multi-scale +0.05..+0.22). The mean gain of 3 independently seeded nets is asserted,
+    # with the margin of 0.06 (half the mean gain measured).
+    gains = {"10crop": [], "multiscale": []}
+    for seed in SEEDS:
+        trained = train_small_net(seed)
+        center = held_out_accuracy(trained, "center")
+        ten = held_out_accuracy(trained, "10crop")
+        multi = held_out_accuracy(trained, "multiscale", (CANVAS - 4, CANVAS, CANVAS + 4))
+        print(f"seed {seed} held-out top-1: center {center:.4f}, 10-crop {ten:.4f}, multi-scale {multi:.4f}")
+        assert center > 0.4  # the model did learn
+        gains["10crop"].append(ten - center)
+        gains["multiscale"].append(multi - center)
+    assert sum(gains["10crop"]) / len(SEEDS) > 0.06, gains
+    assert sum(gains["multiscale"]) / len(SEEDS) > 0.06, gains
 
 
 # ---------------------------------------------------------------------- the eval command
@@ -154,6 +163,7 @@ def test_cli_eval_protocols_and_model_averaging(tmp_path, capsys):
         out = tmp_path / f"run{seed}"
         fit(TrainConfig(out=str(out), epochs=1, seed=seed, load_size=(36, 36), augment="crop,flip"))
         runs.append(out / "last.safetensors")
+    capsys.readouterr()  # the runs' progress lines (a console handler from an earlier main() may show them)
     results = {}
     for name, extra in [("center", []), ("10crop", ["--tta", "10crop"]),
                         ("multiscale", ["--tta", "multiscale", "--scales", "36", "40"]),

@@ -22,7 +22,7 @@ def checkpoint_splits(ckpt: Checkpoint, data: str | None = None, *, skip_bad_fil
     """The train/held-out splits a checkpoint was trained with (re-created from its seed), or ``data``."""
     config = ckpt.meta.get("config", {})
     source = data or config.get("data", "digits")
-    splits = load_dataset(source, tuple(ckpt.meta["input_size"]), channels=ckpt.meta.get("channels"),
+    splits = load_dataset(source, tuple(ckpt.require("input_size")), channels=ckpt.meta.get("channels"),
                           val_fraction=config.get("val_fraction", 0.2), seed=config.get("seed", 0),
                           skip_bad_files=skip_bad_files)
     if data is None and len(splits.classes) != len(ckpt.classes):
@@ -38,7 +38,7 @@ def checkpoint_splits(ckpt: Checkpoint, data: str | None = None, *, skip_bad_fil
 
 def load_images(files: list[Path], ckpt: Checkpoint) -> torch.Tensor:
     """Image files at the checkpoint's input size and channels, (N, C, H, W) in [0, 1]."""
-    size, channels = tuple(ckpt.meta["input_size"]), ckpt.meta.get("channels", 3)
+    size, channels = tuple(ckpt.require("input_size")), ckpt.meta.get("channels", 3)
     return torch.stack([load_image(f, channels=channels, size=size) for f in files])
 
 

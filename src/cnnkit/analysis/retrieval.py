@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 
 from cnnkit.analysis.common import check_layer, checkpoint_splits, image_tile, load_images, save_png
 from cnnkit.data import labels_of
-from cnnkit.errors import ConfigError, DataError
+from cnnkit.errors import CheckpointError, ConfigError, DataError
 from cnnkit.models import extract_features
 from cnnkit.utils import atomic_path
 
@@ -208,6 +208,8 @@ def _prepare(checkpoint, device: str, layer: str | None):
     from cnnkit.utils import resolve_device
 
     ckpt = load_checkpoint(checkpoint)
+    if ckpt.mean_image is None:
+        raise CheckpointError(f"{checkpoint} holds no mean image; pass a checkpoint from `cnnkit train`")
     model = ckpt.build_model().to(resolve_device(device)).eval()
     return ckpt, model, check_layer(model, layer) if layer else default_feature_layer(model)
 

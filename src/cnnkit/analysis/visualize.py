@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
 from cnnkit.analysis.common import check_layer, checkpoint_splits, load_images, save_png
+from cnnkit.data.images import open_image
 from cnnkit.errors import ConfigError, UnsupportedLayerError
 from cnnkit.models import extract_features
 
@@ -390,7 +390,7 @@ def render_all(checkpoint, out, *, parts=PARTS, layer: str | None = None, image:
             from PIL import ImageOps
 
             try:
-                with Image.open(dense_image) as im:
+                with open_image(dense_image) as im:
                     w, h = ImageOps.exif_transpose(im).size
             except OSError:
                 w, h = 1, 1  # load_image below reports the error

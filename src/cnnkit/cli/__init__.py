@@ -1,6 +1,7 @@
 """The ``cnnkit`` command. Each submodule adds its subcommands; this file only dispatches.
 
-Errors a user can cause (``CnnkitError``) print one line ``error: ...`` and exit with status 2.
+Errors a user can cause (``CnnkitError``), and file-system errors no command foresaw (``OSError``), print
+one line ``error: ...`` and exit with status 2.
 """
 
 from __future__ import annotations
@@ -8,9 +9,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from cnnkit import __version__
+from cnnkit.cli.argtypes import positive_float
 from cnnkit.errors import CnnkitError
 
 # Modules that define subcommands, in the order `cnnkit --help` lists them. Each has
@@ -45,9 +48,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"cnnkit {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("--max-params", type=positive_float, default=None, metavar="N",
+                        help="the most parameters a model built from a checkpoint may have (default: 2e9, or "
+                        "$CNNKIT_MAX_PARAMS); a file asking for more is refused before anything is built")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
+    return parser
+
+
+def _command_parser(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.ArgumentParser:
+    """The parser of the (sub)command named in ``argv`` (``cnnkit segment train``), else ``parser``."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for i, token in enumerate(argv):
+                if token in action.choices:
+                    return _command_parser(action.choices[token], argv[i + 1:])
     return parser
 
 
@@ -61,6 +77,14 @@ def one_line(exc: Exception) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def os_error_line(exc: OSError) -> str:
+    """The user-facing line of a file-system error (disk full, permission denied, ...), naming its path."""
+    reason = exc.strerror or one_line(exc)
+    if exc.filename is None:
+        return f"{reason}; check the paths given, their permissions and the free disk space"
+    return f"cannot use {exc.filename}: {reason}; check the path, its permissions and the free disk space"
+
+
 class ConsoleHandler(logging.Handler):
     """Progress messages (INFO, DEBUG with -v) to stdout with the command's other output, warnings and
     errors to stderr, so that a failing command's stderr is its one error line (plus real warnings).
@@ -71,8 +95,11 @@ class ConsoleHandler(logging.Handler):
         from tqdm import tqdm
 
         try:
-            stream = sys.stdout if record.levelno < logging.WARNING else sys.stderr
-            tqdm.write(self.format(record), file=stream)
+            warn = record.levelno >= logging.WARNING
+            text = self.format(record)
+            if warn and not text.startswith(("error:", "warning:")):
+                text = f"{record.levelname.lower()}: {text}"
+            tqdm.write(text, file=sys.stderr if warn else sys.stdout)
         except Exception:  # noqa: BLE001 - logging must never raise
             self.handleError(record)
 
@@ -88,7 +115,14 @@ def _configure_logging(verbose: bool, quiet: bool = False) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # named by the command that was given, whose --help lists what it takes
+        _command_parser(parser, argv).error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.max_params is not None:
+        from cnnkit.train.checkpoint_schema import MAX_PARAMS_ENV
+
+        os.environ[MAX_PARAMS_ENV] = str(int(args.max_params))
     # progress messages share stdout with the output: none when the output is JSON for a program to read
     _configure_logging(args.verbose, quiet=bool(getattr(args, "json", False)))
     if not getattr(args, "func", None):
@@ -98,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except CnnkitError as exc:
         sys.stderr.write(f"error: {one_line(exc)}\n")
+        return 2
+    except OSError as exc:  # a file-system failure no command turned into a CnnkitError: still one line
+        sys.stderr.write(f"error: {os_error_line(exc)}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("interrupted: the last completed checkpoint is kept; use --resume to continue\n")

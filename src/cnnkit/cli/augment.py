@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cnnkit.cli.argtypes import positive_int, seed
 from cnnkit.errors import ConfigError
 
 # (row label, spec) shown by default: the lecture's augmentations, with settings that make them visible.
@@ -63,11 +64,11 @@ def register(sub) -> None:
     )
     p.add_argument("image", type=Path, help="an image file (any format Pillow reads)")
     p.add_argument("--show", type=Path, required=True, metavar="OUT.png", help="where to write the PNG grid")
-    p.add_argument("--samples", type=int, default=6, help="samples per augmentation (default 6)")
+    p.add_argument("--samples", type=positive_int, default=6, help="samples per augmentation (default 6)")
     p.add_argument("--load-size", type=parse_size, default=(256, 256), metavar="HxW",
                    help="size the image is loaded at (default 256)")
     p.add_argument("--crop-size", type=parse_size, default=(224, 224), metavar="HxW",
                    help="the model input size crops are cut to (default 224)")
     p.add_argument("--augment", nargs="+", metavar="SPEC", help="rows to show instead of the default ones")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=seed, default=0, help="random seed (default 0)")
     p.set_defaults(func=run_augment)

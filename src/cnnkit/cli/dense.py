@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cnnkit.cli.argtypes import positive_int
+from cnnkit.cli.argtypes import positive_int, seed
 from cnnkit.dense.allocator import retain_freed_memory
 from cnnkit.errors import ConfigError
 from cnnkit.models import PATCH_NETS, create_patch_net
@@ -38,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     de.add_argument("--mode", choices=("auto", "dilated", "space_to_batch"), default="auto")
     de.add_argument("--border", choices=("zeros", "reflect", "replicate"), default=None,
                     help="image border (default: the checkpoint's, else zeros)")
-    de.add_argument("--seed", type=int, default=0)
+    de.add_argument("--seed", type=seed, default=0)
     de.add_argument("--device", default="auto")
     de.set_defaults(func=run_densify)
 

@@ -6,7 +6,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cnnkit.cli.argtypes import count, fraction, positive_float, positive_int
+from cnnkit.cli.argtypes import (
+    count,
+    fraction,
+    interval,
+    nonnegative_float,
+    palette,
+    positive_float,
+    positive_int,
+    seed,
+)
 from cnnkit.cli.segment_predict import _Formatter, add_eval_parser, add_predict_parser
 from cnnkit.cli.train import apply_threads, config_from_args
 
@@ -50,16 +59,6 @@ def _option(text: str) -> tuple[str, object]:
     return key, {"true": True, "false": False}.get(value.lower(), value)
 
 
-def _palette(text: str) -> list[list[int]]:
-    try:
-        cols = [[int(v) for v in c.split(",")] for c in text.split(";") if c.strip()]
-    except ValueError:
-        cols = []
-    if not cols or any(len(c) != 3 or not all(0 <= v <= 255 for v in c) for c in cols):
-        raise argparse.ArgumentTypeError(f"{text!r} is not 'r,g,b;r,g,b;...' with values 0..255")
-    return cols
-
-
 def add_train_parser(segsub) -> argparse.ArgumentParser:
     from cnnkit.segmentation.task import CLASS_WEIGHTS, SELECT, SegmentConfig
 
@@ -78,13 +77,13 @@ def add_train_parser(segsub) -> argparse.ArgumentParser:
                    "(nonzero = valid; pixels outside are neither trained nor scored) (default: none)")
     g.add_argument("--val-data", default=None, metavar="DIR",
                    help="held-out images: a folder with the same subfolders (default: --val-fraction of --data)")
-    g.add_argument("--val-fraction", type=fraction, default=None,
+    g.add_argument("--val-fraction", type=interval("(0, 1)"), default=None,
                    help=f"seeded fraction of --data held out when there is no --val-data (default: {d.val_fraction})")
     g.add_argument("--mask-mode", choices=["auto", "index", "binary", "palette"], default=None,
                    help=f"how masks are read (default: {d.mask_mode})")
-    g.add_argument("--palette", type=_palette, default=None, metavar="R,G,B;R,G,B;...",
+    g.add_argument("--palette", type=palette, default=None, metavar="R,G,B;R,G,B;...",
                    help="colour masks: colour i is class i (default: none)")
-    g.add_argument("--ignore-value", type=int, default=None, help="mask value meaning unlabelled (default: none)")
+    g.add_argument("--ignore-value", type=count, default=None, help="mask value meaning unlabelled (default: none)")
     g.add_argument("--classes", dest="num_classes", type=positive_int, default=None,
                    help="number of classes (default: the largest mask value + 1, at least 2)")
     g.add_argument("--mask-suffix", default=None, help="the suffix of mask names, replacing the default list "
@@ -127,10 +126,10 @@ def add_train_parser(segsub) -> argparse.ArgumentParser:
     g.add_argument("--class-weight", choices=list(CLASS_WEIGHTS), default=None,
                    help="'balanced': each class weighted by its inverse pixel frequency in the training masks "
                    f"(default: {d.class_weight})")
-    g.add_argument("--hard-fraction", type=float, default=None,
+    g.add_argument("--hard-fraction", type=interval("(0, 1]"), default=None,
                    help="train on this fraction of each crop's hardest labelled pixels (bootstrapping; 1 = all) "
                    f"(default: {d.hard_fraction})")
-    g.add_argument("--positive-class", type=int, default=None,
+    g.add_argument("--positive-class", type=count, default=None,
                    help=f"two classes: the class F1, ROC AUC and the threshold are about (default: {d.positive_class})")
     g.add_argument("--select", choices=list(SELECT), default=None,
                    help="held-out score that picks best.safetensors; auto = ROC AUC for two classes, else mean "
@@ -144,18 +143,20 @@ def add_train_parser(segsub) -> argparse.ArgumentParser:
                    help=f"crops per global batch, split over torchrun processes (default: {d.batch_size})")
     g.add_argument("--optimizer", choices=["adam", "sgd"], default=None, help=f"(default: {d.optimizer})")
     g.add_argument("--lr", type=positive_float, default=None, help=f"learning rate (default: {d.lr})")
-    g.add_argument("--momentum", type=float, default=None, help=f"SGD momentum (default: {d.momentum})")
-    g.add_argument("--weight-decay", type=float, default=None, help=f"L2 penalty (default: {d.weight_decay})")
+    g.add_argument("--momentum", type=fraction, default=None, help=f"SGD momentum (default: {d.momentum})")
+    g.add_argument("--weight-decay", type=nonnegative_float, default=None,
+                   help=f"L2 penalty (default: {d.weight_decay})")
     g.add_argument("--schedule", choices=["cosine", "step", "plateau", "none"], default=None,
                    help=f"learning-rate schedule (default: {d.schedule})")
     g.add_argument("--step-size", type=positive_int, default=None, help=f"(default: {d.step_size})")
-    g.add_argument("--gamma", type=float, default=None, help=f"(default: {d.gamma})")
+    g.add_argument("--gamma", type=interval("(0, 1]"), default=None, help=f"(default: {d.gamma})")
     g.add_argument("--weight-average", choices=["none", "polyak", "ema"], default=None,
                    help=f"evaluate and save averaged weights (default: {d.weight_average})")
     g = p.add_argument_group("run")
     g.add_argument("--out", default=None, help=f"run folder (default: {d.out})")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    g.add_argument("--seed", type=int, default=None, help=f"(default: {d.seed})")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint, "
+                   "or start it when it has none yet")
+    g.add_argument("--seed", type=seed, default=None, help=f"(default: {d.seed})")
     g.add_argument("--device", default=None, help=f"auto (CUDA when present), cpu, cuda, cuda:N (default: {d.device})")
     g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
                    help=f"autocast the dense forward pass (default: {d.precision})")
@@ -164,7 +165,7 @@ def add_train_parser(segsub) -> argparse.ArgumentParser:
                    f"layouts make two fresh runs repeat bit for bit (default: {d.dense_mode})")
     g.add_argument("--max-memory", dest="max_memory_mb", type=positive_float, default=None, metavar="MB",
                    help="tile held-out images to stay near this working memory (default: no tiling)")
-    g.add_argument("--workers", type=int, default=None, help=f"DataLoader worker processes (default: {d.workers})")
+    g.add_argument("--workers", type=count, default=None, help=f"DataLoader worker processes (default: {d.workers})")
     g.add_argument("--threads", type=positive_int, default=None, metavar="N",
                    help="intra-op CPU threads (default: one per core)")
     p.set_defaults(func=run_train)

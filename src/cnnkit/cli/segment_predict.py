@@ -7,22 +7,44 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import textwrap
 from pathlib import Path
 
 import torch
 
+from cnnkit.cli.argtypes import count, palette, positive_float, positive_int
+from cnnkit.cli.train import apply_threads
 from cnnkit.errors import ConfigError
-from cnnkit.utils import resolve_device, write_json_atomic
+from cnnkit.utils import output_folder, resolve_device, write_json_atomic
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows every default; a help text that states its default in words keeps its own wording, and
-    a required option has none to show."""
+    """Shows every default (an on/off flag's as "off"); a help text that states its default in words keeps
+    its own wording, and a required option has none to show. Descriptions keep their paragraphs, and
+    indented lines (examples) are printed as written."""
 
     def _get_help_string(self, action):
         if action.required or "default:" in (action.help or ""):
             return action.help
+        if isinstance(action, argparse._StoreTrueAction) or (action.nargs == 0 and action.default is None):
+            return f"{action.help} (default: off)"
+        if isinstance(action, argparse.BooleanOptionalAction) and isinstance(action.default, bool):
+            return f"{action.help} (default: {'on' if action.default else 'off'})"
+        if action.default is None and action.option_strings:
+            return f"{action.help} (default: none)"
         return super()._get_help_string(action)
+
+    def _fill_text(self, text, width, indent):
+        out = []
+        for para in text.strip("\n").split("\n\n"):
+            lines = para.splitlines()
+            raw = [line for line in lines[1:] if line.startswith(" ")]
+            if raw:  # a heading line and its indented lines: as written
+                out.append("\n".join(indent + line for line in lines))
+            else:
+                out.append(textwrap.fill(" ".join(line.strip() for line in lines), width, initial_indent=indent,
+                                         subsequent_indent=indent, break_on_hyphens=False))
+        return "\n\n".join(out)
 
 
 def _threshold(text: str):
@@ -57,9 +79,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", action="append", default=[], metavar="MODULE:FUNCTION",
                    help="allow a checkpoint to build its net by importing this code (repeatable; default: "
                    "none, such checkpoints are refused)")
-    p.add_argument("--max-memory", type=float, default=None, metavar="MB",
+    p.add_argument("--max-memory", type=positive_float, default=None, metavar="MB",
                    help="tile each dense pass to stay near this many MB (default: no tiling)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                   help="intra-op CPU threads (default: one per core)")
 
 
 def add_predict_parser(segsub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -93,7 +117,11 @@ def add_eval_parser(segsub: argparse._SubParsersAction) -> argparse.ArgumentPars
     p.add_argument("--valid", default=None, help="subfolder of valid-region masks (default: none)")
     p.add_argument("--positive-class", type=_positive, default="auto", metavar="auto|INT",
                    help="class scored by F1 and ROC AUC (two classes); auto = the checkpoint's")
-    p.add_argument("--ignore-value", type=int, default=None,
+    p.add_argument("--mask-mode", choices=["auto", "index", "binary", "palette"], default=None,
+                   help="how masks are read (default: the checkpoint's)")
+    p.add_argument("--palette", type=palette, default=None, metavar="R,G,B;R,G,B;...",
+                   help="colour masks: colour i is class i (default: the checkpoint's)")
+    p.add_argument("--ignore-value", type=count, default=None,
                    help="mask value of unlabelled pixels (default: the checkpoint's)")
     p.add_argument("--out", default=None, metavar="JSON", help="also write the scores here (default: none)")
     p.set_defaults(func=run_eval)
@@ -116,6 +144,7 @@ def run_predict(args) -> int:
 
     # under torchrun every process labels files[rank::world]; no process group is needed
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    apply_threads(args)
     device = resolve_device(args.device)
     if world > 1 and args.device == "auto" and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -125,8 +154,9 @@ def run_predict(args) -> int:
     if args.valid:
         pairs, _ = pair_files(files, image_files([args.valid]), "valid-region mask", suffixes=VALID_KEY_SUFFIXES)
         valid = [v for _, v in pairs]
-    summary = predict_files(segmenter, files, args.out, valid_files=valid, rank=rank, world_size=world,
-                            overwrite=args.overwrite)
+    with output_folder(args.out, keep_complete=True):  # a failure leaves no new empty folder
+        summary = predict_files(segmenter, files, args.out, valid_files=valid, rank=rank, world_size=world,
+                                overwrite=args.overwrite)
     who = f"process {rank} of {world}: " if world > 1 else ""
     skipped = f"; skipped {summary.skipped} whose outputs exist" if summary.skipped else ""
     print(f"{who}wrote the outputs of {summary.written} images to {args.out}{skipped}")
@@ -137,6 +167,9 @@ def run_eval(args) -> int:
     from cnnkit.segmentation.data import VALID_KEY_SUFFIXES, pair_files
     from cnnkit.segmentation.predict import evaluate_files, image_files
 
+    if args.out and Path(args.out).is_dir():
+        raise ConfigError(f"--out {args.out} is a folder; give the path of a JSON file to write the scores to")
+    apply_threads(args)
     segmenter = _segmenter(args, resolve_device(args.device))
     root = Path(args.data)
     files = image_files([root / args.images])
@@ -147,7 +180,7 @@ def run_eval(args) -> int:
                                     suffixes=VALID_KEY_SUFFIXES)
         valid = [v for _, v in valid_pairs]
     metrics = evaluate_files(segmenter, files, [m for _, m in pairs], valid, positive=args.positive_class,
-                             ignore_value=args.ignore_value)
+                             mask_mode=args.mask_mode, palette=args.palette, ignore_value=args.ignore_value)
     print(format_scores(metrics))
     print(format_table(metrics))
     if args.out:
@@ -169,11 +202,12 @@ def format_scores(m: dict) -> str:
 
 
 def format_table(m: dict) -> str:
-    width = max(len("class"), *(len(f"{i} {c}") for i, c in enumerate(m["classes"])))
+    names = [str(i) if str(c) == str(i) else f"{i} {c}" for i, c in enumerate(m["classes"])]
+    width = max(len("class"), *(len(n) for n in names))
     rows = [f"{'class':<{width}}  {'IoU':>6}  {'prec.':>6}  {'recall':>6}  {'F1':>6}"]
-    for i, name in enumerate(m["classes"]):
+    for i, name in enumerate(names):
         cells = (m[k][i] for k in ("per_class_iou", "per_class_precision", "per_class_recall", "per_class_f1"))
-        rows.append(f"{f'{i} {name}':<{width}}  " + "  ".join(f"{_num(v):>6}" for v in cells))
+        rows.append(f"{name:<{width}}  " + "  ".join(f"{_num(v):>6}" for v in cells))
     return "\n".join(rows)
 
 

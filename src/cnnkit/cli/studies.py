@@ -12,6 +12,7 @@ import logging
 import time
 from pathlib import Path
 
+from cnnkit.cli.argtypes import count, fraction, interval, nonnegative_float, positive_float, positive_int, seed
 from cnnkit.cli.train import DATA_HELP
 from cnnkit.errors import ConfigError
 
@@ -105,14 +106,14 @@ def _add_transfer(sub) -> None:
     p.add_argument("--split-a", metavar="CLASSES", help="classes of A, names or indices: 0,1,2,3,4 "
                    "(default: a random half, drawn with --split-seed)")
     p.add_argument("--split-b", metavar="CLASSES", help="classes of B (default: the classes not in A)")
-    p.add_argument("--split-seed", type=int, default=0, help="seed of the random A/B split (default 0)")
-    p.add_argument("--epochs", type=int, default=6, help="epochs per network (default 6)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate, cosine-annealed (default 0.05)")
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--val-fraction", type=float, default=0.2)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split-seed", type=seed, default=0, help="seed of the random A/B split (default 0)")
+    p.add_argument("--epochs", type=positive_int, default=6, help="epochs per network (default 6)")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--lr", type=positive_float, default=0.05, help="SGD learning rate, cosine-annealed (default 0.05)")
+    p.add_argument("--momentum", type=fraction, default=0.9)
+    p.add_argument("--weight-decay", type=nonnegative_float, default=5e-4)
+    p.add_argument("--val-fraction", type=interval("(0, 1)"), default=0.2)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--out", default="runs/transfer", help="study folder (default runs/transfer)")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=run_transfer_cmd)
@@ -184,8 +185,8 @@ def _add_features(sub) -> None:
     p.add_argument("--data", help=f"another dataset with the same classes: {DATA_HELP}")
     p.add_argument("--images", nargs="+", type=Path, help="query image files or folders (no scores: no labels)")
     p.add_argument("--normalise", default="l2", choices=["l2", "none"], help="features for the picture (default l2)")
-    p.add_argument("--show", type=int, default=8, help="queries in the picture (default 8)")
-    p.add_argument("--show-k", type=int, default=8, help="neighbours per query in the picture (default 8)")
+    p.add_argument("--show", type=positive_int, default=8, help="queries in the picture (default 8)")
+    p.add_argument("--show-k", type=positive_int, default=8, help="neighbours per query in the picture (default 8)")
     p.add_argument("--out", type=Path, default=Path("runs/retrieve"),
                    help="folder for neighbours.png and retrieval.json (default runs/retrieve)")
     p.add_argument("--device", default="auto")
@@ -226,10 +227,11 @@ def _add_visualize(sub) -> None:
     p.add_argument("--what", default="filters,maps,rf,dense", help="which pictures (default filters,maps,rf,dense)")
     p.add_argument("--layer", help="layer for maps and rf (default: the last convolution with maps of 3x3 or more)")
     p.add_argument("--image", type=Path, help="image file for maps and rf (default: a held-out image)")
-    p.add_argument("--index", type=int, default=0, help="which held-out image when no --image (default 0)")
+    p.add_argument("--index", type=count, default=0, help="which held-out image when no --image (default 0)")
     p.add_argument("--unit", type=_unit, help="unit C,Y,X for rf (default: the most active unit)")
     p.add_argument("--dense-image", type=Path, help="larger image for dense (default: a grid of held-out images)")
-    p.add_argument("--dense-grid", type=int, default=3, help="held-out images per side of that grid (default 3)")
+    p.add_argument("--dense-grid", type=positive_int, default=3,
+                   help="held-out images per side of that grid (default 3)")
     p.add_argument("--dense-mean", choices=["channel", "tile"],
                    help="what to subtract from the larger image: each channel's mean, or the mean image tiled "
                    "(default: tile for the grid of held-out images, channel for --dense-image)")
@@ -278,8 +280,8 @@ def _add_ablate(sub) -> None:
                    help="change the base run for every cell, repeatable, e.g. --set lr=0.02 --set channels=8")
     p.add_argument("--data", default="digits", help=f"dataset: {DATA_HELP} (default digits)")
     p.add_argument("--model", default="small_cnn", help="zoo model (default small_cnn)")
-    p.add_argument("--epochs", type=int, default=6, help="epochs per network (default 6)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=positive_int, default=6, help="epochs per network (default 6)")
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--out", default="runs/ablate", help="study folder (default runs/ablate)")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=run_ablate_cmd)

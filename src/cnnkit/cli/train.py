@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from pathlib import Path
 
 import torch
 
+from cnnkit.cli.argtypes import count, fraction, interval, nonnegative_float, positive_float, positive_int, seed
 from cnnkit.errors import ConfigError
+from cnnkit.utils import output_folder
 
 DATA_HELP = ("'digits' (scikit-learn's bundled handwritten digits, the default), a folder of MNIST IDX files "
              "(raw or .gz), a folder of CIFAR-10 python batches, or a class-folder tree "
@@ -49,7 +52,7 @@ def add_train_arguments(p: argparse.ArgumentParser, defaults, threads: int | Non
                    "config.toml works), or YAML when PyYAML is installed. Precedence: recipe < file < flags")
     g = p.add_argument_group("data")
     g.add_argument("--data", default=None, help=f"dataset: {DATA_HELP} (default: {defaults.data})")
-    g.add_argument("--val-fraction", type=float, default=None,
+    g.add_argument("--val-fraction", type=interval("(0, 1)"), default=None,
                    help=f"held-out fraction when the data has no split of its own (default {defaults.val_fraction})")
     g.add_argument("--input-size", type=parse_size, default=None, metavar="HxW",
                    help="the model's input size (default: the model's native input)")
@@ -62,42 +65,43 @@ def add_train_arguments(p: argparse.ArgumentParser, defaults, threads: int | Non
                    f"(default {defaults.mean})")
     g.add_argument("--skip-bad-files", action="store_true", default=None,
                    help="skip corrupt or unreadable images (listed in the log) instead of stopping")
-    g.add_argument("--workers", type=int, default=None,
+    g.add_argument("--workers", type=count, default=None,
                    help="DataLoader worker processes (default 0); memory is pinned on CUDA")
     g = p.add_argument_group("model and optimisation")
     g.add_argument("--model", default=None, help=f"model name, see `cnnkit models` (default {defaults.model})")
-    g.add_argument("--epochs", type=int, default=None, help=f"number of epochs (default {defaults.epochs})")
-    g.add_argument("--batch-size", type=int, default=None,
+    g.add_argument("--epochs", type=positive_int, default=None, help=f"number of epochs (default {defaults.epochs})")
+    g.add_argument("--batch-size", type=positive_int, default=None,
                    help=f"global batch, split over the processes under torchrun (default {defaults.batch_size})")
-    g.add_argument("--lr", type=float, default=None, help=f"SGD learning rate (default {defaults.lr})")
-    g.add_argument("--momentum", type=float, default=None, help=f"(default {defaults.momentum})")
-    g.add_argument("--weight-decay", type=float, default=None, help=f"L2 penalty (default {defaults.weight_decay})")
+    g.add_argument("--lr", type=positive_float, default=None, help=f"SGD learning rate (default {defaults.lr})")
+    g.add_argument("--momentum", type=fraction, default=None, help=f"(default {defaults.momentum})")
+    g.add_argument("--weight-decay", type=nonnegative_float, default=None,
+                   help=f"L2 penalty (default {defaults.weight_decay})")
     g.add_argument("--schedule", choices=["step", "plateau", "piecewise", "none"], default=None,
                    help="learning-rate schedule: 'step' multiplies by --gamma every --step-size epochs; "
                    "'plateau' when the held-out loss (or error, --plateau-metric) stops improving for --patience "
                    f"epochs; 'piecewise' follows lr_steps from a recipe or config file (default {defaults.schedule})")
-    g.add_argument("--step-size", type=int, default=None, help=f"(default {defaults.step_size})")
-    g.add_argument("--gamma", type=float, default=None, help=f"(default {defaults.gamma})")
-    g.add_argument("--patience", type=int, default=None, help=f"(default {defaults.patience})")
+    g.add_argument("--step-size", type=positive_int, default=None, help=f"(default {defaults.step_size})")
+    g.add_argument("--gamma", type=interval("(0, 1]"), default=None, help=f"(default {defaults.gamma})")
+    g.add_argument("--patience", type=count, default=None, help=f"(default {defaults.patience})")
     g.add_argument("--plateau-metric", choices=["loss", "error"], default=None,
                    help=f"what 'plateau' watches (default {defaults.plateau_metric})")
-    g.add_argument("--dropout", type=float, default=None,
+    g.add_argument("--dropout", type=fraction, default=None,
                    help="dropout probability in the fully connected layers, for models that take it")
     g.add_argument("--loss", choices=["softmax", "ranking-hinge"], default=None,
                    help="softmax cross-entropy, or Chatfield et al.'s per-class ranking hinge loss "
                    f"(default {defaults.loss})")
-    g.add_argument("--aux-weight", type=float, default=None,
+    g.add_argument("--aux-weight", type=nonnegative_float, default=None,
                    help=f"weight of each auxiliary classifier's loss, GoogLeNet (default {defaults.aux_weight})")
     g.add_argument("--l2-features", action=argparse.BooleanOptionalAction, default=None,
                    help="the last layer reads L2-normalised features (Chatfield et al. 2014)")
     g.add_argument("--weight-average", choices=["none", "polyak", "ema"], default=None,
                    help="evaluate and save averaged weights: Polyak's mean of the iterates (GoogLeNet) or an "
                    f"exponential moving average (default {defaults.weight_average})")
-    g.add_argument("--average-start", type=int, default=None, help="first epoch that enters the average")
-    g.add_argument("--ema-decay", type=float, default=None, help=f"(default {defaults.ema_decay})")
+    g.add_argument("--average-start", type=positive_int, default=None, help="first epoch that enters the average")
+    g.add_argument("--ema-decay", type=interval("(0, 1)"), default=None, help=f"(default {defaults.ema_decay})")
     g.add_argument("--tta", choices=["center", "10crop", "multiscale"], default=None,
                    help="test protocol run on the best checkpoint after training (test.json); default center")
-    g.add_argument("--scales", dest="tta_scales", type=int, nargs="+", default=None, metavar="Q",
+    g.add_argument("--scales", dest="tta_scales", type=positive_int, nargs="+", default=None, metavar="Q",
                    help="smaller image sides for --tta multiscale, e.g. 256 384 512")
     g = p.add_argument_group("speed (opt-in)")
     g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
@@ -109,14 +113,14 @@ def add_train_arguments(p: argparse.ArgumentParser, defaults, threads: int | Non
                    help="NHWC memory layout for convolutions")
     g = p.add_argument_group("run")
     g.add_argument("--out", default=None, help=f"run folder for metrics, plots, checkpoints (default {defaults.out})")
-    g.add_argument("--seed", type=int, default=None, help="random seed; a CPU run repeats bit for bit (default 0)")
+    g.add_argument("--seed", type=seed, default=None, help="random seed; a CPU run repeats bit for bit (default 0)")
     g.add_argument("--device", default=None,
                    help="auto (CUDA when present), cpu, cuda or cuda:N (default auto); under torchrun each "
                    "process takes cuda:LOCAL_RANK")
     g.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its last checkpoint (its saved settings are kept; "
-                   "--epochs may be raised; any number of processes)")
-    g.add_argument("--threads", type=int, default=threads, metavar="N",
+                   help="continue the run in --out from its last checkpoint, or start it when it has none yet (its "
+                   "saved settings are kept; --epochs may be raised; any number of processes)")
+    g.add_argument("--threads", type=positive_int, default=threads, metavar="N",
                    help="intra-op CPU threads (default: "
                    f"{threads if threads else 'one per core'}). Small networks on a busy machine run several "
                    "times faster with 1")
@@ -177,10 +181,12 @@ def run_eval(args: argparse.Namespace) -> int:
 
     if args.tta == "multiscale" and not args.scales:
         raise ConfigError("--tta multiscale needs --scales, e.g. --scales 256 384 512")
-    result = evaluate_checkpoint(args.checkpoint, data=args.data, split=args.split, device=args.device,
-                                 batch_size=args.batch_size, out=args.out, skip_bad_files=args.skip_bad_files,
-                                 tta=args.tta, scales=args.scales or (), flip=args.flip, average=args.average,
-                                 load_size=args.load_size)
+    # a failure leaves no new --out folder (nor a confusion.png without its eval.json)
+    with output_folder(args.out) if args.out else contextlib.nullcontext():
+        result = evaluate_checkpoint(args.checkpoint, data=args.data, split=args.split, device=args.device,
+                                     batch_size=args.batch_size, out=args.out, skip_bad_files=args.skip_bad_files,
+                                     tta=args.tta, scales=args.scales or (), flip=args.flip, average=args.average,
+                                     load_size=args.load_size)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -232,7 +238,8 @@ def register(sub) -> None:
     p.add_argument("checkpoint", type=Path, help="a .safetensors checkpoint from a run folder")
     p.add_argument("--tta", choices=["center", "10crop", "multiscale"], default="center",
                    help="test protocol (default center)")
-    p.add_argument("--scales", type=int, nargs="+", metavar="Q", help="smaller sides for multiscale, e.g. 256 384 512")
+    p.add_argument("--scales", type=positive_int, nargs="+", metavar="Q",
+                   help="smaller sides for multiscale, e.g. 256 384 512")
     p.add_argument("--no-flip", dest="flip", action="store_false", help="multiscale without the mirrored images")
     p.add_argument("--average", type=Path, nargs="+", default=[], metavar="CKPT",
                    help="more checkpoints (same classes) to average the class posteriors with")
@@ -240,7 +247,7 @@ def register(sub) -> None:
                    help="load images at this size (default: as the checkpoint's run did)")
     p.add_argument("--data", help=f"evaluate on another dataset with the same classes: {DATA_HELP}")
     p.add_argument("--split", choices=["val", "train", "all"], default="val", help="which split (default val)")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=positive_int, default=256, help="images per batch (default 256)")
     p.add_argument("--device", default="auto")
     p.add_argument("--skip-bad-files", action="store_true", help="skip corrupt images instead of stopping")
     p.add_argument("--out", type=Path, help="folder for confusion.png and eval.json")
@@ -252,7 +259,7 @@ def register(sub) -> None:
                        "(any format Pillow reads).")
     p.add_argument("checkpoint", type=Path, help="a .safetensors checkpoint from a run folder")
     p.add_argument("images", nargs="+", type=Path, help="image files or folders of images")
-    p.add_argument("--topk", type=int, default=3, help="how many classes to print per image (default 3)")
+    p.add_argument("--topk", type=positive_int, default=3, help="how many classes to print per image (default 3)")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run_predict)

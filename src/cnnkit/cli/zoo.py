@@ -15,6 +15,7 @@ import sys
 import torch
 
 from cnnkit.analysis import Reference, summary
+from cnnkit.cli.argtypes import positive_int
 from cnnkit.errors import ConfigError
 from cnnkit.models import create, list_models, model_info
 from cnnkit.models.alexnet import LECTURE_NEURONS
@@ -39,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="a name from `cnnkit models`")
     p.add_argument("--input", metavar="CxHxW",
                    help="input size, e.g. 3x224x224 or 256 (default: the paper's)")
-    p.add_argument("--num-classes", type=int, help="size of the last layer (default: the paper's)")
+    p.add_argument("--num-classes", type=positive_int, help="size of the last layer (default: the paper's)")
     p.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE",
                    help="builder option, e.g. -o groups=1 for the ungrouped AlexNet (repeatable)")
     p.add_argument("--format", choices=FORMATS, default="table")

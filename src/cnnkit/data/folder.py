@@ -20,7 +20,8 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from cnnkit.data.common import check_channels, check_size
-from cnnkit.errors import DataError
+from cnnkit.data.images import open_image
+from cnnkit.errors import CnnkitError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -95,14 +96,18 @@ def check_image(path: Path) -> str | None:
             reason = KNOWN_PLACEHOLDERS.get((os.path.getsize(path), digest))
             if reason:
                 return reason
-        with Image.open(path) as image:
+        with open_image(path) as image:
             kind = image.format
             image.verify()
         if kind != "PNG":
-            with Image.open(path) as image:
+            with open_image(path) as image:
                 if kind == "JPEG":
                     image.draft(image.mode, (1, 1))
                 image.load()
+    except DataError as exc:  # too many pixels
+        return str(exc)
+    except CnnkitError:  # a bad setting, not a bad file
+        raise
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, struct.error, ...
         return f"{type(exc).__name__}: {exc}"
     return None
@@ -135,7 +140,7 @@ def load_image(path: str | Path, channels: int, size: tuple[int, int]) -> torch.
     """
     height, width = size
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:
             image = ImageOps.exif_transpose(image)
             if image.mode in ("I", "F") or image.mode.startswith("I;16"):
                 array = np.asarray(image, dtype=np.float32)
@@ -154,6 +159,8 @@ def load_image(path: str | Path, channels: int, size: tuple[int, int]) -> torch.
                 pixels = torch.from_numpy(np.array(image)).float().div_(255)
                 # (H, W) -> (1, H, W); (H, W, C) -> (C, H, W)
                 pixels = pixels[None] if pixels.dim() == 2 else pixels.permute(2, 0, 1)
+    except CnnkitError:
+        raise
     except Exception as exc:
         raise DataError(f"cannot decode image {path} ({type(exc).__name__}: {exc}); "
                         f"delete it or re-save it") from None

@@ -7,6 +7,7 @@ uint32 sizes, then the values big-endian in C order. Files may be raw or gzip-co
 from __future__ import annotations
 
 import gzip
+import math
 import zlib
 from pathlib import Path
 
@@ -42,7 +43,9 @@ def read_idx(path: str | Path, ndim: int | None = None) -> np.ndarray:
     if len(data) < header:
         raise DataError(f"{path} is truncated inside its header; download it again")
     dims = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=n, offset=4))
-    expected = header + int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    if 0 in dims:
+        raise DataError(f"{path} holds no data (its header gives dimensions {dims}); download it again")
+    expected = header + math.prod(dims) * dtype.itemsize  # Python ints: 2^32-sized dims must not wrap around
     if len(data) != expected:
         what = "truncated" if len(data) < expected else "longer than its header says"
         raise DataError(f"{path} is {what} ({len(data)} bytes, header {dims} needs {expected}); "

@@ -250,6 +250,21 @@ def user_patch_net(spec: str, **options) -> tuple[nn.Module, tuple[int, int]]:
     """Import ``package.module`` and call ``function`` with the options its signature accepts
     (``num_classes`` and ``in_chans`` are dropped when it does not take them; any other option it
     does not take is an error). The function returns ``(module, patch)``, patch an int or (P, P)."""
+    fn = user_patch_builder(spec)
+    kwargs = _accepted(fn, options, spec)
+    result = fn(**kwargs)
+    if not (isinstance(result, Sequence) and len(result) == 2 and isinstance(result[0], nn.Module)):
+        raise ConfigError(f"patch net {spec!r} returned {type(result).__name__}; make it return "
+                          "(module, patch_size) with patch_size an int or (P, P)")
+    model, patch = result
+    patch = _patch_size(patch, spec)
+    model.patch_size = patch
+    model.model_name, model.model_options = spec, dict(kwargs)
+    return model, patch
+
+
+def user_patch_builder(spec: str) -> Callable:
+    """The function ``package.module:function`` names, its module imported."""
     module_name, _, func_name = spec.partition(":")
     if not (all(p.isidentifier() for p in module_name.split(".")) and func_name.isidentifier()):
         raise ConfigError(f"patch net {spec!r} is not package.module:function; write it like mynets.retina:build")
@@ -262,16 +277,7 @@ def user_patch_net(spec: str, **options) -> tuple[nn.Module, tuple[int, int]]:
     if not callable(fn):
         raise ConfigError(f"patch net {spec!r}: module {module_name!r} has no function {func_name!r}; "
                           "check the name after the colon")
-    kwargs = _accepted(fn, options, spec)
-    result = fn(**kwargs)
-    if not (isinstance(result, Sequence) and len(result) == 2 and isinstance(result[0], nn.Module)):
-        raise ConfigError(f"patch net {spec!r} returned {type(result).__name__}; make it return "
-                          "(module, patch_size) with patch_size an int or (P, P)")
-    model, patch = result
-    patch = _patch_size(patch, spec)
-    model.patch_size = patch
-    model.model_name, model.model_options = spec, dict(kwargs)
-    return model, patch
+    return fn
 
 
 def _accepted(fn: Callable, options: dict, spec: str) -> dict:

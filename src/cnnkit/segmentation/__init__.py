@@ -4,3 +4,5 @@
 together, ``metrics`` scores predictions; training goes through ``cnnkit.train`` and prediction
 through the exact dense conversion in ``cnnkit.dense``.
 """
+
+from cnnkit.segmentation import schema as _schema  # noqa: F401  (registers what its checkpoints hold)

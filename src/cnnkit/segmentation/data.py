@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from cnnkit.data.images import open_image
 from cnnkit.dense.loss import IGNORE_INDEX  # torch's cross-entropy default: unlabelled
 from cnnkit.errors import ConfigError, DataError
 
@@ -47,10 +47,8 @@ MASK_KEY_SUFFIXES = ("_manual1", "_mask", "_masks", "_label", "_labels", "_gt", 
 VALID_KEY_SUFFIXES = ("_mask", "_fov", "_roi", "_valid")
 # what Pillow raises on files that are not what their name says: a text file named .png
 # (UnidentifiedImageError, an OSError), a truncated or corrupt stream (OSError), odd headers
-# (SyntaxError, ValueError, EOFError), and an image too large to be genuine (DecompressionBombError;
-# its warning, for sizes between Pillow's two limits, is turned into an error in _read)
-_READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError,
-                Image.DecompressionBombWarning)
+# (SyntaxError, ValueError, EOFError). An image too large to be genuine is refused by open_image.
+_READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError)
 
 
 @dataclass
@@ -65,11 +63,9 @@ class SegmentationSample:
 def _read(path: Path, what: str, to_array: Callable[[Image.Image], T]) -> T:
     """Open an image file and turn it into an array, any failure as one DataError naming the file."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                im.load()
-                return to_array(im)
+        with open_image(path, what) as im:
+            im.load()
+            return to_array(im)
     except _READ_ERRORS as exc:
         reason = str(exc).splitlines()[0].rstrip(".") if str(exc) else type(exc).__name__
         raise DataError(f"cannot read {what} {path}: {reason}; re-save it as PNG or TIFF, or remove it") from None

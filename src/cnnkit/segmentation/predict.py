@@ -19,6 +19,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -28,12 +29,14 @@ from tqdm.auto import tqdm
 
 from cnnkit.dense import densify
 from cnnkit.dense.net import DenseNet
-from cnnkit.errors import CheckpointError, ConfigError, DataError, OutputError
+from cnnkit.errors import CheckpointError, ConfigError, DataError
 from cnnkit.models import create_patch_net
+from cnnkit.models.patch import user_patch_builder
 from cnnkit.segmentation.augment import dihedral, dihedral_inverse, preprocess
 from cnnkit.segmentation.data import IGNORE_INDEX, IMAGE_SUFFIXES, decode_mask, load_image
 from cnnkit.segmentation.metrics import SegmentationMeter
 from cnnkit.train.checkpoint import Checkpoint, load_checkpoint, load_weights
+from cnnkit.train.checkpoint_schema import check_model_plan
 from cnnkit.utils import atomic_path, ensure_writable_dir
 
 log = logging.getLogger(__name__)
@@ -130,7 +133,12 @@ class Segmenter:
 
     def _member(self, ckpt: Checkpoint, max_memory: int | None) -> _Member:
         source = ckpt.meta.get("path", "checkpoint")
-        model, patch = create_patch_net(ckpt.model_name, **ckpt.model_options)
+        if ":" in ckpt.model_name:  # import the user's module off the meta device: tensors made at import stay real
+            user_patch_builder(ckpt.model_name)
+        build = partial(create_patch_net, ckpt.model_name, **ckpt.model_options)
+        check_model_plan(lambda: build()[0], {k: v.shape for k, v in ckpt.model_state.items()}, source,
+                         ckpt.model_name)
+        model, patch = build()
         load_weights(model, ckpt.model_state, source=source)
         model.to(device=self.device, dtype=self.dtype).eval()
         if tuple(ckpt.meta["patch"]) != tuple(patch):
@@ -264,12 +272,8 @@ def _write_all(out: Path, names: list[str], arrays: list[np.ndarray]) -> None:
     written = []
     try:
         for name, arr in zip(names, arrays):
-            with atomic_path(out / name) as tmp:
-                try:
-                    Image.fromarray(arr).save(tmp, format="PNG")
-                except OSError as exc:
-                    raise OutputError(f"cannot write {out / name}: {exc}; free disk space or choose another "
-                                      "output folder") from None
+            with atomic_path(out / name) as tmp:  # a failed write (disk full, ...) is an OutputError
+                Image.fromarray(arr).save(tmp, format="PNG")
             written.append(out / name)
     except BaseException:
         for p in written:
@@ -306,9 +310,8 @@ def predict_files(segmenter: Segmenter, files: Sequence[Path], out: str | Path, 
         if stems.setdefault(f.stem, f) != f:
             raise DataError(f"images {stems[f.stem]} and {f} have the same name and would write the same outputs; "
                             "rename one or predict them into separate folders")
-    if segmenter.meta.get("valid_region") and all(v is None for v in valid_files):
-        log.warning("the checkpoint was trained with valid-region masks, which set each image's standardisation; "
-                    "without --valid the whole image is used and results differ: pass --valid DIR")
+    # said once the first image has loaded, so that a bad input's stderr stays its one error line
+    warn_valid = bool(segmenter.meta.get("valid_region")) and all(v is None for v in valid_files)
     out = ensure_writable_dir(out)
     mine = list(zip(files, valid_files))[rank::world_size]
     k = segmenter.num_classes
@@ -324,6 +327,11 @@ def predict_files(segmenter: Segmenter, files: Sequence[Path], out: str | Path, 
             summary.skipped += 1
             continue
         image = _load(segmenter, path)
+        if warn_valid:
+            log.warning("the checkpoint was trained with valid-region masks, which set each image's "
+                        "standardisation; without --valid the whole image is used and results differ: "
+                        "pass --valid DIR")
+            warn_valid = False
         valid = None if valid_path is None else read_valid(Path(valid_path), tuple(image.shape[1:]), path)
         probs = segmenter.probabilities(image, valid)
         _write_all(out, names, _arrays(segmenter, image, probs, segmenter.labels(probs), colours))

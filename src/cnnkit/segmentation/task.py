@@ -124,6 +124,8 @@ class SegmentConfig(TrainConfig):
             (0 < self.hard_fraction <= 1, f"--hard-fraction must be in (0, 1], got {self.hard_fraction}"),
             (self.select in SELECT, f"--select must be one of {', '.join(SELECT)}, got {self.select!r}"),
             (self.mask_mode in MASK_MODES, f"--mask-mode must be one of {', '.join(MASK_MODES)}"),
+            (all(_is_colour(c) for c in self.palette),
+             f"--palette must be colours [[r, g, b], ...] with values 0..255, got {self.palette}"),
             (self.scale is None or (math.isfinite(self.scale) and self.scale > 0),
              f"--scale must be a positive number, got {self.scale}"),
             (self.num_classes is None or self.num_classes >= 2,
@@ -143,6 +145,11 @@ class SegmentConfig(TrainConfig):
     def check_model(self) -> None:
         if ":" not in self.model:  # a user's module:function is imported when the model is built
             super().check_model()
+
+
+def _is_colour(c) -> bool:
+    return (isinstance(c, (list, tuple)) and len(c) == 3
+            and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in c))
 
 
 # --------------------------------------------------------------------------- training items

@@ -14,6 +14,7 @@ import json
 import logging
 import random
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from cnnkit.errors import CheckpointError
+from cnnkit.train.checkpoint_schema import DAMAGED, check_consistency, check_document, check_model_plan
 from cnnkit.utils import atomic_path
 
 log = logging.getLogger(__name__)
@@ -47,15 +49,27 @@ class Checkpoint:
     live_state: dict[str, torch.Tensor] | None = None  # the optimiser's weights when model_state is an average
 
     def build_model(self) -> nn.Module:
-        """The model with these weights (zoo models by name), with the head options it was trained with."""
+        """The model with these weights (zoo models by name), with the head options it was trained with.
+        Its size and shapes are checked on the meta device first (``check_model_plan``)."""
         from cnnkit.models import create
         from cnnkit.train.losses import l2_normalize_head_input
 
-        model = create(self.model_name, **self.model_options)
-        load_weights(model, self.model_state, source=self.meta.get("path", "checkpoint"))
+        source = self.meta.get("path", "checkpoint")
+        build = partial(create, self.model_name, **self.model_options)
+        check_model_plan(build, {k: v.shape for k, v in self.model_state.items()}, source, self.model_name)
+        model = build()
+        load_weights(model, self.model_state, source=source)
         if self.meta.get("config", {}).get("l2_features"):
             l2_normalize_head_input(model)
         return model
+
+    def require(self, key: str):
+        """``meta[key]``, or a CheckpointError naming the file when it lacks that field (fields that only
+        some commands read, such as ``input_size``, are required where they are read)."""
+        if key not in self.meta:
+            raise CheckpointError(f"{self.meta.get('path', 'checkpoint')}: metadata field 'meta.{key}' is missing; "
+                                  f"{DAMAGED}")
+        return self.meta[key]
 
 
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
@@ -166,39 +180,46 @@ def _json_default(obj):
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
-    """Read a checkpoint written by ``save_checkpoint``; anything else is refused with a CheckpointError."""
+    """Read a checkpoint written by ``save_checkpoint``; anything else is refused with a CheckpointError.
+
+    The metadata and the model it describes are checked (``cnnkit.train.checkpoint_schema``) before any
+    tensor is read or any model built.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; pass the path of a .safetensors file "
                               "from a run folder (e.g. runs/NAME/best.safetensors)")
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            header = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        f = safe_open(str(path), framework="pt", device="cpu")
     except Exception:
         raise CheckpointError(
             f"{path} is not a cnnkit checkpoint (expected a safetensors file; pickled files are refused "
             "because loading them can execute code)"
         ) from None
-    try:
-        doc = json.loads(header["cnnkit"])
-        if doc.get("format") != FORMAT:
-            raise KeyError("format")
-    except (KeyError, json.JSONDecodeError):
-        raise CheckpointError(f"{path} is a safetensors file but not a cnnkit checkpoint "
-                              f"(no '{FORMAT}' metadata)") from None
+    with f:
+        doc = _document(f.metadata() or {}, path)
+        info = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+        check_document(doc, info, str(path))
+        if ":" not in doc["model_name"]:  # a user's net is checked once its code is allowed (segmentation)
+            from cnnkit.models import create
+
+            weights = {k[len("model/"):]: shape for k, (shape, _) in info.items() if k.startswith("model/")}
+            check_model_plan(partial(create, doc["model_name"], **doc["model_options"]), weights, str(path),
+                             doc["model_name"])
+        check_consistency(doc, str(path))
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
     tensors = {k: v.to(map_location) if not k.startswith("rng/") else v for k, v in tensors.items()}
     model_state = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
     live_state = {k[len("live/"):]: v for k, v in tensors.items() if k.startswith("live/")} or None
-    meta = dict(doc.get("meta", {}))
+    meta = dict(doc["meta"])
     meta["path"] = str(path)
     ckpt = Checkpoint(
         model_name=doc["model_name"],
-        model_options=doc.get("model_options", {}),
+        model_options=doc["model_options"],
         model_state=model_state,
-        classes=doc.get("classes", []),
+        classes=doc["classes"],
         mean_image=tensors.get("mean_image"),
-        epoch=int(doc.get("epoch", 0)),
+        epoch=doc["epoch"],
         scheduler_state=doc.get("scheduler"),
         meta=meta,
         live_state=live_state,
@@ -209,3 +230,21 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         ckpt.rng_state = {"tensors": {k: v for k, v in tensors.items() if k.startswith("rng/")},
                           "doc": doc["rng"]}
     return ckpt
+
+
+def _document(header: dict, path: Path):
+    """The JSON document of a file's metadata (its schema is checked by ``check_document``)."""
+    if "cnnkit" not in header:
+        raise CheckpointError(f"{path} is a safetensors file but not a cnnkit checkpoint "
+                              f"(no '{FORMAT}' metadata); pass a checkpoint from a cnnkit run folder")
+    try:
+        doc = json.loads(header["cnnkit"])
+    except (json.JSONDecodeError, RecursionError):
+        raise CheckpointError(f"{path}: its 'cnnkit' metadata is not JSON; {DAMAGED}") from None
+    if not isinstance(doc, dict):
+        raise CheckpointError(f"{path}: its 'cnnkit' metadata must be a JSON object, found "
+                              f"{json.dumps(doc)[:40]}; {DAMAGED}")
+    if doc.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is a safetensors file but not a cnnkit checkpoint (metadata field 'format' "
+                              f"is {json.dumps(doc.get('format'))[:40]}, expected '{FORMAT}'); {DAMAGED}")
+    return doc

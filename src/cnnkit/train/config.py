@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -83,6 +84,7 @@ class TrainConfig:
             (0 < self.gamma <= 1, f"--gamma must be in (0, 1], got {self.gamma}"),
             (0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}"),
             (0 < self.val_fraction < 1, f"--val-fraction must be in (0, 1), got {self.val_fraction}"),
+            (0 <= self.seed < 2**32, f"--seed must be a whole number in [0, 2^32), got {self.seed}"),
             (self.workers >= 0, f"--workers must be >= 0, got {self.workers}"),
             (self.mean in MEAN_MODES, f"--mean must be one of {', '.join(MEAN_MODES)}, got {self.mean!r}"),
             (self.loss in LOSSES, f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}"),
@@ -101,7 +103,7 @@ class TrainConfig:
                 raise ConfigError(message)
         if self.schedule == "piecewise":
             steps = self.lr_steps
-            if not steps or any(len(s) != 2 or s[0] < 1 or s[1] <= 0 for s in steps):
+            if not steps or not all(_is_step(s) for s in steps):
                 raise ConfigError("schedule 'piecewise' needs lr_steps = [[first_epoch, factor], ...] with "
                                   "epochs >= 1 and factors > 0, e.g. [[1, 1.0], [3, 0.4]]")
         for name, value in asdict(self).items():
@@ -124,9 +126,20 @@ class TrainConfig:
             value = getattr(cfg, name)
             if value is not None:
                 setattr(cfg, name, parse_size(value, name))
-        cfg.lr_steps = [list(s) for s in cfg.lr_steps]
-        cfg.tta_scales = [int(q) for q in cfg.tta_scales]
+        cfg.lr_steps = [list(s) if isinstance(s, (list, tuple)) else s for s in cfg.lr_steps]
+        if not all(isinstance(q, int) and not isinstance(q, bool) and q >= 1 for q in cfg.tta_scales):
+            raise ConfigError(f"tta_scales (--scales) must be whole numbers >= 1, got {cfg.tta_scales}")
         return cfg
+
+
+def _is_step(step) -> bool:
+    """[first_epoch, factor] of a piecewise schedule: a whole epoch >= 1 and a factor > 0."""
+    return (isinstance(step, list) and len(step) == 2 and all(_is_number(v) for v in step)
+            and float(step[0]).is_integer() and step[0] >= 1 and math.isfinite(step[1]) and step[1] > 0)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def parse_size(value, name: str = "size") -> tuple[int, int]:
@@ -181,8 +194,40 @@ def read_config_file(path: str | Path, cls: type = TrainConfig) -> dict:
             close = difflib.get_close_matches(name, known, n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
             raise ConfigError(f"{path}: unknown setting {key!r}{hint}; see `cnnkit train --help`")
+        _check_type(path, name, value, cls)
         settings[name] = value
     return settings
+
+
+_TYPE_NAMES = {bool: "true or false", int: "a whole number", float: "a number", str: "a string in quotes",
+               list: "a list [...]", dict: "a table { key = value }"}
+
+
+def _check_type(path: Path, name: str, value, cls: type) -> None:
+    """A setting of the wrong type (``momentum = "high"``) is one line naming the file, the key and an example,
+    before anything is built. Values are checked further (ranges) by ``validate``."""
+    hint = typing.get_type_hints(cls)[name]
+    kinds = [k for k in typing.get_args(hint) if k is not type(None)] or [hint]  # `X | None`: X
+    for kind in kinds:
+        if typing.get_origin(kind) is tuple:  # a size: 32, "32x48" or [32, 48] (parse_size checks the rest)
+            ok = isinstance(value, (str, list)) or (isinstance(value, int) and not isinstance(value, bool))
+        elif kind is float:
+            ok = _is_number(value)
+        elif kind is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, kind)
+        if ok:
+            return
+    wanted = " or ".join("a size (32 or \"32x48\")" if typing.get_origin(k) is tuple else _TYPE_NAMES.get(k, k.__name__)
+                         for k in kinds)
+    default = getattr(cls(), name)
+    example = f" (e.g. {name} = {_toml_value(default)})" if default not in (None, [], {}, "") else ""
+    try:
+        shown = _toml_value(value)
+    except TypeError:  # YAML can hold dates and other values TOML writes differently
+        shown = repr(value)
+    raise ConfigError(f"{path}: {name} = {shown} must be {wanted}{example}; fix it in the file")
 
 
 def _load_toml(text: str, path: Path) -> dict:

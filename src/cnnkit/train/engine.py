@@ -22,6 +22,7 @@ from cnnkit.data.augment import Transform, take
 from cnnkit.errors import ConfigError, TrainingError
 from cnnkit.train.losses import softmax_cross_entropy, split_outputs, total_loss
 from cnnkit.train.metrics import ClassificationMeter
+from cnnkit.utils import kill_point
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -130,6 +131,7 @@ def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, *, epoc
     else:
         loss.backward()
         optimizer.step()
+    kill_point("step")
     return value
 
 

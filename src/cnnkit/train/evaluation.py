@@ -23,7 +23,7 @@ from cnnkit.utils import ensure_writable_dir, resolve_device, write_json_atomic
 
 def _sizes(ckpt: Checkpoint) -> tuple[tuple[int, int], tuple[int, int]]:
     """(input size, load size) the checkpoint's run used."""
-    size = tuple(ckpt.meta["input_size"])
+    size = tuple(ckpt.require("input_size"))
     return size, tuple(ckpt.meta.get("load_size") or size)
 
 
@@ -40,8 +40,6 @@ def evaluate_checkpoint(path, *, data: str | None = None, split: str = "val", de
                         average=(), load_size: tuple[int, int] | None = None) -> dict:
     """Top-1/top-5 accuracy and error, and loss, of checkpoint ``path`` (averaged with the checkpoints in
     ``average``) on a split of its data (or of ``data``) under the test protocol ``tta``."""
-    if out is not None:
-        ensure_writable_dir(out)
     ckpt = _classification_checkpoint(path, "cnnkit segment eval")
     others = [_classification_checkpoint(p, "cnnkit segment eval") for p in average]
     for other in others:
@@ -53,6 +51,8 @@ def evaluate_checkpoint(path, *, data: str | None = None, split: str = "val", de
     size, load = _sizes(ckpt)
     load = tuple(load_size) if load_size else load
     check_protocol(tta, scales, size, load)
+    if out is not None:  # after the checkpoints' checks (a refused one leaves no folder), before the work
+        ensure_writable_dir(out)
     splits = load_dataset(source, load, channels=ckpt.meta.get("channels"),
                           val_fraction=config.get("val_fraction", 0.2), seed=config.get("seed", 0),
                           skip_bad_files=skip_bad_files)
@@ -106,7 +106,7 @@ def predict_files(path, images: list[Path], *, topk: int = 3, device: str = "aut
     ckpt = _classification_checkpoint(path, "cnnkit segment predict")
     files = expand_image_paths(images)
     load = _sizes(ckpt)[1]  # loaded as in training, then the central crop
-    x = torch.stack([load_image(f, channels=ckpt.meta["channels"], size=load) for f in files])  # (N, C, H, W)
+    x = torch.stack([load_image(f, channels=ckpt.require("channels"), size=load) for f in files])  # (N, C, H, W)
     predictor = predictor_for(ckpt, resolve_device(device))
     proba = torch.cat([predictor(chunk).cpu() for chunk in x.split(256)])
     k = min(topk, proba.shape[1])

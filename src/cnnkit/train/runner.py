@@ -48,7 +48,15 @@ from cnnkit.train.classification import ClassificationTask, build_model, mean_fo
 from cnnkit.train.config import SCHEDULES, TrainConfig, to_toml
 from cnnkit.train.plots import plot_training_curves
 from cnnkit.train.task import Task
-from cnnkit.utils import atomic_path, ensure_writable_dir, seed_everything, write_json_atomic, write_text_atomic
+from cnnkit.utils import (
+    atomic_path,
+    ensure_writable_dir,
+    first_missing,
+    remove_empty_folders,
+    seed_everything,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +125,7 @@ def _resumed_config(cfg: TrainConfig, ckpt: Checkpoint, last_path: Path, task: T
     if saved_task != task.name:
         raise CheckpointError(f"{last_path} is a {saved_task!r} run, not a {task.name!r} one; "
                               "resume it with its own command or choose another --out")
-    saved = type(cfg).from_dict(ckpt.meta["config"])
+    saved = type(cfg).from_dict(ckpt.require("config"))
     if saved.model != cfg.model:
         raise CheckpointError(f"{last_path} holds model {saved.model!r} but {cfg.model!r} was asked for; "
                               f"use --model {saved.model} or another --out")
@@ -191,20 +199,26 @@ def fit(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = None,
     (metrics of the last and best epochs, paths, epochs run).
 
     Under ``torchrun`` every process calls this; they train one model together (see
-    ``cnnkit.train.distributed``) and only rank 0 writes files. A run that fails before its first file
-    is written leaves no (empty) run folder behind.
+    ``cnnkit.train.distributed``) and only rank 0 writes files. A new run that fails before its first
+    checkpoint (bad data, disk full) leaves no run folder behind.
     """
     task = task if task is not None else ClassificationTask()
     created = not Path(cfg.out).exists()
+    top = first_missing(Path(cfg.out))  # with --out a/b/run, the first of a, a/b, a/b/run made here
     ctx = distributed.init(cfg.device)
     try:
         summary = _fit(cfg, ctx, resume, progress if ctx.is_main else False, task)
-    except BaseException:
+    except BaseException as exc:
         ctx.close(failed=True)
         out = Path(cfg.out)
-        if ctx.is_main and created and out.is_dir() and all(p.name == ".lock" for p in out.iterdir()):
-            (out / ".lock").unlink(missing_ok=True)  # nothing else was written: leave no folder behind
-            out.rmdir()
+        if ctx.is_main and created and out.is_dir() and not (out / "last.safetensors").exists():
+            if isinstance(exc, Exception):  # failed before its first checkpoint: leave no folder behind
+                shutil.rmtree(out, ignore_errors=True)
+            elif all(p.name == ".lock" for p in out.iterdir()):  # interrupted: kept, unless it is empty
+                (out / ".lock").unlink(missing_ok=True)
+                out.rmdir()
+            if not out.exists() and top is not None and top != out:  # and the parents made for it
+                remove_empty_folders(out.parent, top)
         raise
     ctx.close()
     return summary
@@ -228,10 +242,10 @@ def _fit_locked(cfg: TrainConfig, ctx, resume: bool, progress, task: Task, out: 
     if not resume and last_path.exists():
         raise CheckpointError(f"{out} already holds a run (last.safetensors); pass --resume to continue it, or "
                               "choose another --out (or delete the folder) to start afresh")
+    if resume and not last_path.exists():  # e.g. killed before its first epoch ended: the same command resumes
+        log.info("nothing to resume in %s (no last.safetensors yet): starting the run", out)
+        resume = False
     if resume:
-        if not last_path.exists():
-            raise CheckpointError(f"nothing to resume in {out} (no last.safetensors); "
-                                  "drop --resume to start a new run there")
         ckpt = load_checkpoint(last_path)
         cfg = _resumed_config(cfg, ckpt, last_path, task)
         cfg.validate()
@@ -290,12 +304,18 @@ def _fit_locked(cfg: TrainConfig, ctx, resume: bool, progress, task: Task, out: 
         if ctx.is_main:
             improved = row[key] > best_score
             _save_epoch(cfg, task, out, model, averaged, optimizer, scheduler, epoch, history, val, improved)
-            pictures.update(history, (epoch, val, artifacts) if improved else None, last=epoch == cfg.epochs)
+            pictures.update(history, (epoch, val, artifacts) if improved else None)
         best_score = max(best_score, row[key])
     ctx.barrier()  # rank 0's files are complete before anyone reads them
 
     final = history[-1] if history else {}
     best = max(history, key=lambda r: r[key]) if history else {}
+    if best and best["epoch"] < start and best_path.exists():  # trained by a killed process: drawn or not?
+        load_weights(model, load_checkpoint(best_path).model_state, source=str(best_path))
+        pictures.best = (best["epoch"], *task.evaluate(model, epoch=best["epoch"], cfg=cfg, ctx=ctx,
+                                                       progress=progress))
+    if ctx.is_main:
+        pictures.update(history, None, last=True)
     summary = {"out": str(out), "epochs": len(history), "final": final, "best": best,
                "last_checkpoint": str(last_path), "best_checkpoint": str(best_path),
                "data": task.description, "classes": task.classes, "is_main": ctx.is_main,
@@ -344,14 +364,17 @@ def _save_epoch(cfg, task: Task, out: Path, model, averaged, optimizer, schedule
 class _Pictures:
     """curves.png and the task's pictures of the best epoch, drawn at most every ``every`` seconds and
     after the last epoch (a drawing takes about a second: on short epochs it would cost more than
-    training)."""
+    training). The final drawing comes after the loop, so that a resumed run with nothing left to train
+    (killed after its last checkpoint) draws it too; when the best epoch was trained before the resume,
+    the runner recomputes its pictures' inputs from best.safetensors (evaluation depends on the weights
+    alone), since the killed process may have died before drawing them."""
 
     def __init__(self, task: Task, cfg, out: Path, every: float = 30.0):
         self.task, self.cfg, self.out, self.every = task, cfg, out, every
         self.last = -float("inf")
         self.best = None  # (epoch, val, artifacts) not drawn yet
 
-    def update(self, history: list[dict], best, last: bool) -> None:
+    def update(self, history: list[dict], best, last: bool = False) -> None:
         if best is not None:
             self.best = best
         if not last and time.monotonic() - self.last < self.every:
