@@ -320,6 +320,15 @@ def test_disk_full_during_train_leaves_no_run_folder(idx_data, tmp_path, warm_ca
     assert not any(tmp_path.iterdir())
 
 
+def test_disk_full_in_an_existing_folder_takes_back_the_runs_files(idx_data, tmp_path, warm_caches):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "notes.txt").write_text("mine")
+    refused(cnnkit("train", "--data", idx_data, "--epochs", "1", "--out", run, max_file_bytes=20_000),
+            run / "last.safetensors", "File too large")
+    assert sorted(p.name for p in run.iterdir()) == [".lock", "notes.txt"]  # the lock file stays (see RunLock)
+
+
 def test_disk_full_during_segment_train_leaves_no_run_folder(seg_data, tmp_path, warm_caches):
     run = tmp_path / "runs" / "seg" / "run"  # nor the parent folders made for it
     refused(cnnkit("segment", "train", "--data", seg_data, *TINY_SEGMENT, "--out", run, max_file_bytes=8_000),
@@ -396,3 +405,15 @@ def test_dev_full_as_the_output_file(seg_data, seg_checkpoint):
             "cannot write /dev/full: No space left on device")
     refused(cnnkit("augment", seg_data / "images" / "generated_000.png", "--show", "/dev/full", "--load-size",
                    "32", "--crop-size", "24"), "cannot write /dev/full: No space left on device")
+
+
+@pytest.mark.parametrize("argv", [
+    ["visualize", "{missing}", "--out", "{out}"],
+    ["retrieve", "{missing}", "--out", "{out}"],
+    ["transfer", "--data", "{missing}", "--out", "{out}"],
+    ["ablate", "--grid", "kernel_size=3", "--data", "{missing}", "--out", "{out}"],
+], ids=["visualize", "retrieve", "transfer", "ablate"])
+def test_failed_studies_leave_no_new_folder(tmp_path, argv):
+    missing, out = tmp_path / "missing.safetensors", tmp_path / "studies" / "out"
+    refused(cnnkit(*[a.format(missing=missing, out=out) for a in argv]), missing)
+    assert not any(tmp_path.iterdir())  # neither the folder nor the parent made for it

@@ -7,6 +7,7 @@ Each parses its arguments, calls ``cnnkit.analysis`` and prints a short report; 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 from cnnkit.cli.argtypes import count, fraction, interval, nonnegative_float, positive_float, positive_int, seed
 from cnnkit.cli.train import DATA_HELP
 from cnnkit.errors import ConfigError
+from cnnkit.utils import output_folder
 
 INTERRUPTED = "interrupted: finished cells are kept in {out}/results.json; run the same command again to continue\n"
 
@@ -79,7 +81,8 @@ def run_transfer_cmd(args: argparse.Namespace) -> int:
     _quiet_runner(False)
     t0 = time.perf_counter()
     try:
-        result = run_transfer(cfg)
+        with output_folder(cfg.out, keep_complete=True):  # a failure leaves no new empty folder
+            result = run_transfer(cfg)
     except KeyboardInterrupt:
         print(INTERRUPTED.format(out=cfg.out), end="", flush=True)
         return 130
@@ -136,9 +139,10 @@ def run_features(args: argparse.Namespace) -> int:
 def run_retrieve(args: argparse.Namespace) -> int:
     from cnnkit.analysis.retrieval import run_retrieval
 
-    result = run_retrieval(args.checkpoint, layer=args.layer, metric=args.metric, ks=args.k, data=args.data,
-                           images=args.images, out=args.out, normalise=args.normalise, show=args.show,
-                           show_k=args.show_k, device=args.device)
+    with output_folder(args.out, keep_complete=True) if args.out else contextlib.nullcontext():
+        result = run_retrieval(args.checkpoint, layer=args.layer, metric=args.metric, ks=args.k, data=args.data,
+                               images=args.images, out=args.out, normalise=args.normalise, show=args.show,
+                               show_k=args.show_k, device=args.device)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -201,9 +205,11 @@ def run_visualize(args: argparse.Namespace) -> int:
     from cnnkit.analysis.visualize import render_all
 
     parts = _list(args.what)
-    results = render_all(args.checkpoint, args.out, parts=parts, layer=args.layer, image=args.image,
-                         index=args.index, unit=args.unit, dense_image=args.dense_image, dense_grid=args.dense_grid,
-                         dense_mean=args.dense_mean, data=args.data, device=args.device)
+    with output_folder(args.out, keep_complete=True):  # a failure leaves no new empty folder
+        results = render_all(args.checkpoint, args.out, parts=parts, layer=args.layer, image=args.image,
+                             index=args.index, unit=args.unit, dense_image=args.dense_image,
+                             dense_grid=args.dense_grid, dense_mean=args.dense_mean, data=args.data,
+                             device=args.device)
     for part, r in results.items():
         detail = {
             "filters": lambda r: f"{r['filters']} filters {r['kernel'][0]}x{r['kernel'][1]} of {r['layer']}",
@@ -254,7 +260,8 @@ def run_ablate_cmd(args: argparse.Namespace) -> int:
     _quiet_runner(args.verbose)
     t0 = time.perf_counter()
     try:
-        result = run_ablation(cfg)
+        with output_folder(cfg.out, keep_complete=True):
+            result = run_ablation(cfg)
     except KeyboardInterrupt:
         print(INTERRUPTED.format(out=cfg.out), end="", flush=True)
         return 130

@@ -233,7 +233,15 @@ def _fit(cfg: TrainConfig, ctx, resume: bool, progress, task: Task) -> dict:
         return _fit_locked(cfg, ctx, resume, progress, task, out)
     with RunLock(out):
         _clean_stale_files(out)
-        return _fit_locked(cfg, ctx, resume, progress, task, out)
+        before = {p.name for p in out.iterdir()}
+        try:
+            return _fit_locked(cfg, ctx, resume, progress, task, out)
+        except Exception:
+            if not (out / "last.safetensors").exists():  # failed before its first checkpoint: take back what
+                for name in ("args.json", "config.toml"):  # this run wrote (a folder it made goes whole)
+                    if name not in before:
+                        (out / name).unlink(missing_ok=True)
+            raise
 
 
 def _fit_locked(cfg: TrainConfig, ctx, resume: bool, progress, task: Task, out: Path) -> dict:
