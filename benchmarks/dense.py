@@ -10,7 +10,9 @@ Ciresan et al.'s membrane net N3 (65x65), on 256x256, 512x512 and 1080x720 image
 - peak memory (resident-set high-water mark above the process's state before the dense call,
   one fresh subprocess per configuration; torch.cuda.max_memory_allocated on CUDA), untiled and
   tiled with --max-memory;
-- the max abs difference between the dense output and patch-by-patch on the subset.
+- the max abs difference between the dense output and patch-by-patch on the subset;
+- on CPU, one line: the descriptor net's ONNX export (cnnkit.dense.export_onnx) in onnxruntime beside
+  the PyTorch dense net, same image, same thread count (--onnx-size, default 512x512).
 
 FLOPs count the convolutions and FC layers (2 x multiply-accumulates). Run from the repository
 root: `python benchmarks/dense.py [--quick]`.
@@ -121,6 +123,61 @@ def one(args) -> dict:
     return result
 
 
+def onnx_one(args) -> dict:
+    """Runs in a fresh process: the dense net in PyTorch and its ONNX export in onnxruntime (CPU,
+    the same number of threads), timed alternately on one image."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    from cnnkit.dense import densify, export_onnx
+    from cnnkit.dense.allocator import retain_freed_memory
+    from cnnkit.models import create_patch_net
+
+    retain_freed_memory()
+    torch.manual_seed(0)
+    model, patch = create_patch_net(args.net)
+    dense = densify(model.eval(), patch, mode=args.mode)
+    w, h = (int(v) for v in args.size.split("x"))
+    x = torch.randn(1, dense.in_channels, h, w)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_onnx(dense, os.path.join(tmp, "dense.onnx"))
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = torch.get_num_threads()
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    feed = {"image": x.numpy()}
+    with torch.no_grad():
+        ref = dense(x)  # warm-up: layouts chosen
+        got = sess.run(None, feed)[0]
+        torch_t, ort_t = [], []
+        for _ in range(args.reps):
+            torch_t.append(_median_time(lambda: dense(x), 1, torch.device("cpu")))
+            ort_t.append(_median_time(lambda: sess.run(None, feed), 1, torch.device("cpu")))
+    return {"net": args.net, "size": args.size, "threads": torch.get_num_threads(),
+            "torch_seconds": statistics.median(torch_t), "ort_seconds": statistics.median(ort_t),
+            "max_abs_diff": (torch.from_numpy(got) - ref).abs().max().item(),
+            "ort_version": ort.__version__}
+
+
+def run_onnx(net: str, size: str, args) -> None:
+    """One line: onnxruntime CPU time beside PyTorch's (skipped without onnxruntime)."""
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        print("onnxruntime: not installed (pip install onnx onnxruntime); ONNX timing skipped")
+        return
+    cmd = [sys.executable, __file__, "--onnx-one", "--net", net, "--size", size, "--reps", str(args.reps),
+           "--mode", args.mode]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, ["src", os.environ.get("PYTHONPATH")])))
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if out.returncode != 0:
+        raise SystemExit(f"ONNX benchmark {net} {size} failed:\n{out.stderr}")
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"ONNX on CPU, {r['net']} {r['size']} ({r['threads']} threads): onnxruntime {r['ort_version']} "
+          f"{r['ort_seconds']:.3f} s, PyTorch dense {r['torch_seconds']:.3f} s (mode={args.mode}), ratio "
+          f"{r['ort_seconds'] / r['torch_seconds']:.2f}; max abs difference {r['max_abs_diff']:.2e}")
+
+
 def run_subprocess(net: str, size: str, args, max_memory: float | None) -> dict:
     cmd = [sys.executable, __file__, "--one", "--net", net, "--size", size, "--reps", str(args.reps),
            "--patch-reps", str(args.patch_reps), "--pixels", str(args.pixels), "--mode", args.mode,
@@ -148,12 +205,18 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--default-malloc", action="store_true",
                    help="leave glibc malloc as it is (default: keep freed memory, see dense/allocator.py)")
+    p.add_argument("--onnx-size", default="512x512",
+                   help="W x H of the ONNX Runtime vs PyTorch line (descriptor net, CPU); empty: skip it")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--onnx-one", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--net", help=argparse.SUPPRESS)
     p.add_argument("--size", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
         print(json.dumps(one(args)))
+        return
+    if args.onnx_one:
+        print(json.dumps(onnx_one(args)))
         return
     nets, sizes = args.nets.split(","), args.sizes.split(",")
     if args.quick:
@@ -184,6 +247,8 @@ def main() -> None:
                   f"{r['max_abs_diff']:>10.2e}", flush=True)
     for r in rows:
         print(f"  {r['net']} {r['size']}: layouts {', '.join(r['layouts'])}")
+    if args.onnx_size and args.device == "cpu":
+        run_onnx("descriptor", args.onnx_size, args)
     target = next((r for r in rows if r["net"] == "descriptor" and r["size"] == "1080x720"), None)
     if target:
         checks = [

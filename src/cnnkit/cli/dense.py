@@ -38,6 +38,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     de.add_argument("--mode", choices=("auto", "dilated", "space_to_batch"), default="auto")
     de.add_argument("--border", choices=("zeros", "reflect", "replicate"), default=None,
                     help="image border (default: the checkpoint's, else zeros)")
+    de.add_argument("--export", default=None, metavar="FILE.onnx",
+                    help="also write the dense net as ONNX (dynamic batch, height and width; the border "
+                    "padding is inside the graph; needs `pip install onnx onnxruntime`)")
     de.add_argument("--seed", type=seed, default=0)
     de.add_argument("--device", default="auto")
     de.set_defaults(func=run_densify)
@@ -90,6 +93,12 @@ def run_densify(args) -> int:
     for row in dense.layers():
         dil = "x".join(map(str, row["dilation"])) if "dilation" in row else ""
         print(f"{str(row['name']):<12} {row['op']:<34} {dil:<9} {row.get('layout', '')}")
+    if args.export:
+        from cnnkit.dense.export import export_onnx
+
+        path = export_onnx(dense, args.export)
+        print(f"wrote {path}: ONNX, input image (N, {c}, H, W) -> scores (N, {dense.num_classes}, H, W), "
+              f"border {dense.border!r} inside, dilated layout")
     if not args.check:
         return 0
     n = min(args.pixels, int(np.prod(size)))

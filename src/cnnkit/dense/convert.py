@@ -10,7 +10,8 @@ padding inside the net every unit's receptive field starts at ``d t`` in its pat
 well defined, and every dense op is a "valid" stride-1 op. ``Info`` is what the patch net holds
 at a node (read off one run on a patch-sized input); ``Step`` is what the dense net does there.
 Info, the Steps and the Converter live in :mod:`cnnkit.dense.graph`, the per-type rules in
-:mod:`cnnkit.dense.rules` (filled by ``rules_window``, ``rules_pointwise`` and ``rules_cnnkit``).
+:mod:`cnnkit.dense.rules` (filled by ``rules_window``, ``rules_pointwise``, ``rules_slicing``
+and ``rules_cnnkit``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch.fx as fx
 from torch import nn
 
 # importing the rule files fills the rule tables that convert_node dispatches on
-from cnnkit.dense import rules_cnnkit, rules_pointwise, rules_window  # noqa: F401
+from cnnkit.dense import rules_cnnkit, rules_pointwise, rules_slicing, rules_window  # noqa: F401
 from cnnkit.dense.graph import Converter, Info, PointwiseStep, SpatialStep, Value
 from cnnkit.dense.ops import Factors, LayoutChooser, exact_pointwise, prod
 from cnnkit.dense.rules import MODULE_RULES, convert_node
@@ -107,9 +108,11 @@ class DenseCore(nn.Module):
 
     @staticmethod
     def _unshared(env: dict, node: fx.Node, x: torch.Tensor) -> bool:
-        """Nothing else alive (the image, another map: views after flatten or cropping) shares the
+        """Nothing else alive (the image, another map: views after flatten, slicing or split) shares the
         storage of the map an in-place step would overwrite."""
         name = node.all_input_nodes[0].name
         ptr = env[name].t.untyped_storage().data_ptr()
-        others = [v.t for k, v in env.items() if k != name and isinstance(v, Value)] + [x]
+        alive = [v for k, v in env.items() if k != name]
+        alive += [p for v in alive if isinstance(v, tuple) for p in v]  # the parts of a split
+        others = [v.t for v in alive if isinstance(v, Value)] + [x]
         return all(t.untyped_storage().data_ptr() != ptr for t in others)

@@ -34,8 +34,9 @@ class Info:
     """What the patch net holds at a node.
 
     kind: ``map`` (N, C, *S); ``flat`` (N, C*prod(S)) made by flattening such a map (a plain
-    feature vector is ``flat`` with S all ones); ``aux`` anything else (ints from ``x.size(0)``,
-    parameters, tensors that do not depend on the input).
+    feature vector is ``flat`` with S all ones); ``parts`` the tuple that ``split``/``chunk`` of
+    such a tensor returns (``parts`` holds each part's Info); ``aux`` anything else (ints from
+    ``x.size(0)``, parameters, tensors that do not depend on the input).
     d: accumulated stride (Algorithm 1's d) per axis; ext: how many input positions the dense map
     is shorter than its input (sum of dilated kernel extents along the longest path).
     """
@@ -45,6 +46,7 @@ class Info:
     spatial: Factors = ()
     d: Factors = ()
     ext: Factors = ()
+    parts: tuple[Info, ...] = ()
 
     @property
     def is_dense(self) -> bool:
@@ -303,7 +305,7 @@ class Converter:
     def dense_inputs(self, node: fx.Node) -> list[Info]:
         out = []
         fx.node.map_arg((node.args, node.kwargs), lambda n: out.append(self.infos[n.name]))
-        return [i for i in out if i.is_dense]
+        return [i for i in out if i.is_dense or i.kind == "parts"]
 
     def info_from_shape(self, node: fx.Node, like: Info) -> Info:
         """Info of a node whose patch-net shape says what it is, with ``like``'s d and extent."""

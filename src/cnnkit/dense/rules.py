@@ -16,8 +16,9 @@ Anything without a rule is refused with the layer's name: it could mix pixels in
 exact dense form. Rules refuse, naming the layer, whatever they cannot make exact. This file holds
 the registry and the helpers; the rules for PyTorch's and cnnkit's layers are in
 ``rules_window`` (convolutions, FC, pooling), ``rules_pointwise`` (activations, norms, cat,
-reshapes) and ``rules_cnnkit`` (cnnkit's own layers); they import this file, and
-:mod:`cnnkit.dense.convert` imports them all, which fills the tables before any conversion.
+reshapes), ``rules_slicing`` (crops, channel slices, split) and ``rules_cnnkit`` (cnnkit's own
+layers); they import this file, and :mod:`cnnkit.dense.convert` imports them all, which fills the
+tables before any conversion.
 """
 
 from __future__ import annotations

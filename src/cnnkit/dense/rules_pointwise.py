@@ -206,7 +206,3 @@ def _getattr(cv, node, _):
         cv.refuse(node, f"reads attribute {node.args[1]!r} of a map")
     return SizeStep(cv.values[node.name], True), AUX
 
-
-@register_function(operator.getitem)
-def _getitem(cv, node, _):
-    cv.refuse(node, "indexes or slices a map of the patch net")

@@ -31,8 +31,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from kornia.enhance import equalize_clahe
-from kornia.filters import gaussian_blur2d
 
 from cnnkit.errors import ConfigError
 from cnnkit.segmentation.data import IGNORE_INDEX
@@ -71,6 +69,8 @@ def elastic_field(size: tuple[int, int], alpha: float, sigma: float, generator: 
     noise = torch.rand((1, 2, h, w), generator=generator) * 2 - 1
     radius = max(1, math.ceil(3 * sigma))
     # replicate: a kernel wider than a small image is still defined (reflect needs radius < side)
+    from kornia.filters import gaussian_blur2d  # kornia on first use: it slows every command's start
+
     smooth = gaussian_blur2d(noise, (2 * radius + 1, 2 * radius + 1), (sigma, sigma), border_type="replicate")
     return smooth[0] * alpha
 
@@ -243,6 +243,8 @@ def preprocess(image: torch.Tensor, valid: torch.Tensor | None = None, *, normal
     if contrast == "clahe" and min(image.shape[-2:]) >= 2:
         # kornia needs more pixels than tiles along each side: fewer tiles on small images
         grid = tuple(min(g, n - 1) for g, n in zip(CLAHE_GRID, image.shape[-2:]))
+        from kornia.enhance import equalize_clahe
+
         image = equalize_clahe(image.clamp(0, 1), clip_limit=CLAHE_CLIP, grid_size=grid)
     if normalize == "image":
         pixels = _pixels(image, valid)  # (C, N)

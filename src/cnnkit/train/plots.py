@@ -4,16 +4,30 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import torch
 
-matplotlib.use("Agg")  # files only, no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+from cnnkit.utils import atomic_path
 
-from cnnkit.utils import atomic_path  # noqa: E402
+
+def _pyplot():
+    """matplotlib.pyplot with the file-only Agg backend, imported on first use (it costs every command a
+    third of a second at start-up otherwise)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot
+
+    return matplotlib.pyplot
+
+
+def __getattr__(name: str):  # `from cnnkit.train.plots import plt` imports pyplot then
+    if name == "plt":
+        return _pyplot()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def save_figure(fig, path: Path) -> None:
+    plt = _pyplot()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -24,6 +38,7 @@ def plot_training_curves(rows: list[dict], path: Path, title: str = "",
     """Loss (left, train and held-out) and the chosen metric columns (right) per epoch.
 
     ``metrics``: (column, label) pairs; default train and held-out top-1 accuracy."""
+    plt = _pyplot()
     metrics = metrics or [("train_acc1", "train top-1"), ("val_acc1", "held-out top-1")]
     epochs = [r["epoch"] for r in rows]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -44,6 +59,7 @@ def plot_training_curves(rows: list[dict], path: Path, title: str = "",
 
 def plot_confusion(confusion: torch.Tensor, classes: list[str], path: Path, title: str = "") -> None:
     """Row-normalised confusion matrix with counts in the cells (up to 30 classes labelled)."""
+    plt = _pyplot()
     cm = confusion.double()
     norm = cm / cm.sum(1, keepdim=True).clamp(min=1)
     k = len(classes)
@@ -66,6 +82,7 @@ def plot_confusion(confusion: torch.Tensor, classes: list[str], path: Path, titl
 
 def plot_augmentations(rows: list[tuple[str, torch.Tensor]], path: Path, title: str = "") -> None:
     """A grid of images: one labelled row per (label, (N, C, H, W) batch in [0, 1])."""
+    plt = _pyplot()
     n = max(len(batch) for _, batch in rows)
     fig, axes = plt.subplots(len(rows), n, figsize=(1.6 * n + 1.8, 1.6 * len(rows)), squeeze=False,
                              layout="constrained")
