@@ -12,7 +12,9 @@ Ciresan et al.'s membrane net N3 (65x65), on 256x256, 512x512 and 1080x720 image
   tiled with --max-memory;
 - the max abs difference between the dense output and patch-by-patch on the subset;
 - on CPU, one line: the descriptor net's ONNX export (cnnkit.dense.export_onnx) in onnxruntime beside
-  the PyTorch dense net, same image, same thread count (--onnx-size, default 512x512).
+  the PyTorch dense net, same image, same thread count (--onnx-size, default 512x512);
+- one line for volumes: a small 3D patch net (22^3 voxels) on a 128^3 volume (--volume-size; 48 with
+  --quick), dense vs patch by patch (on a subset of voxels, scaled), with the FLOP ratio.
 
 FLOPs count the convolutions and FC layers (2 x multiply-accumulates). Run from the repository
 root: `python benchmarks/dense.py [--quick]`.
@@ -33,6 +35,15 @@ import torch
 
 NETS = ("toy", "descriptor", "ciresan_n3")  # or any patch net of cnnkit.models.create_patch_net
 SIZES = ("256x256", "512x512", "1080x720")  # W x H
+
+
+def _run_json(cmd: list[str], what: str) -> dict:
+    """Run one measurement in a fresh process (its own peak memory and threads); its last line is JSON."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, ["src", os.environ.get("PYTHONPATH")])))
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if out.returncode != 0:
+        raise SystemExit(f"{what} failed:\n{out.stderr}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def _sync(device):
@@ -123,6 +134,60 @@ def one(args) -> dict:
     return result
 
 
+def volume_net() -> tuple[torch.nn.Module, int]:
+    """A small 3D patch classifier (22^3 voxels -> 2 scores): conv-pool-conv-pool-conv-FC."""
+    from torch import nn
+
+    model = nn.Sequential(nn.Conv3d(1, 8, 3), nn.ReLU(), nn.MaxPool3d(2), nn.Conv3d(8, 16, 3), nn.ReLU(),
+                          nn.MaxPool3d(2), nn.Conv3d(16, 32, 3), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(32 * 2 * 2 * 2, 2))
+    return model, 22  # 22 -> 20 -> 10 -> 8 -> 4 -> 2
+
+
+def volume_one(args) -> dict:
+    """Runs in a fresh process: the 3D net on a side^3 volume, dense vs patch by patch on a subset."""
+    from cnnkit.dense import densify, patch_by_patch
+
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    model, patch = volume_net()
+    model.to(device).eval()
+    side = int(args.size)
+    dense = densify(model, patch, mode=args.mode)
+    x = torch.randn(1, 1, side, side, side, device=device)
+    n = side**3
+    with torch.no_grad():
+        y = dense(x)  # warm-up: layouts are timed and chosen here
+        dense_s = _median_time(lambda: dense(x), args.reps, device)
+        gen = torch.Generator().manual_seed(1)
+        flat = torch.randperm(n, generator=gen)[: args.pixels]
+        pos = torch.stack([flat // side**2, flat // side % side, flat % side], 1)
+
+        def baseline():
+            return patch_by_patch(model, x, patch, pixels=pos, batch_size=512)
+
+        patch_by_patch(model, x, patch, pixels=pos[:64])  # warm-up
+        t = _median_time(baseline, args.patch_reps, device)
+        diff = (y[0][:, pos[:, 0], pos[:, 1], pos[:, 2]] - baseline()[0]).abs().max().item()
+    flops = 2 * dense.macs((side,) * 3)
+    return {"size": side, "threads": torch.get_num_threads(), "dense_seconds": dense_s,
+            "patch_seconds": t * n / len(pos), "flop_ratio": 2 * dense.patch_macs() * n / flops,
+            "max_abs_diff": diff, "layouts": [r["layout"] for r in dense.layers() if "layout" in r]}
+
+
+def run_volume(args) -> None:
+    """One line: the 3D patch net on a volume, dense beside patch by patch (extrapolated)."""
+    side = "48" if args.quick else args.volume_size
+    cmd = [sys.executable, __file__, "--volume-one", "--size", side, "--reps", str(args.reps),
+           "--patch-reps", str(args.patch_reps), "--pixels", str(args.pixels), "--mode", args.mode,
+           "--device", args.device]
+    r = _run_json(cmd, "3D benchmark")
+    print(f"3D net (22^3 patch) on a {side}^3 volume ({r['threads']} threads): dense {r['dense_seconds']:.3f} s, "
+          f"patch by patch {r['patch_seconds']:.1f} s (from {args.pixels} voxels), speedup "
+          f"{r['patch_seconds'] / r['dense_seconds']:.1f}, FLOP ratio {r['flop_ratio']:.1f}, "
+          f"max abs difference {r['max_abs_diff']:.2e}; layouts {', '.join(r['layouts'])}")
+
+
 def onnx_one(args) -> dict:
     """Runs in a fresh process: the dense net in PyTorch and its ONNX export in onnxruntime (CPU,
     the same number of threads), timed alternately on one image."""
@@ -168,11 +233,7 @@ def run_onnx(net: str, size: str, args) -> None:
         return
     cmd = [sys.executable, __file__, "--onnx-one", "--net", net, "--size", size, "--reps", str(args.reps),
            "--mode", args.mode]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, ["src", os.environ.get("PYTHONPATH")])))
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    if out.returncode != 0:
-        raise SystemExit(f"ONNX benchmark {net} {size} failed:\n{out.stderr}")
-    r = json.loads(out.stdout.strip().splitlines()[-1])
+    r = _run_json(cmd, f"ONNX benchmark {net} {size}")
     print(f"ONNX on CPU, {r['net']} {r['size']} ({r['threads']} threads): onnxruntime {r['ort_version']} "
           f"{r['ort_seconds']:.3f} s, PyTorch dense {r['torch_seconds']:.3f} s (mode={args.mode}), ratio "
           f"{r['ort_seconds'] / r['torch_seconds']:.2f}; max abs difference {r['max_abs_diff']:.2e}")
@@ -207,7 +268,10 @@ def main() -> None:
                    help="leave glibc malloc as it is (default: keep freed memory, see dense/allocator.py)")
     p.add_argument("--onnx-size", default="512x512",
                    help="W x H of the ONNX Runtime vs PyTorch line (descriptor net, CPU); empty: skip it")
+    p.add_argument("--volume-size", default="128",
+                   help="side of the 3D net's cubic volume (--quick: 48); empty: skip the 3D line")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--volume-one", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--onnx-one", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--net", help=argparse.SUPPRESS)
     p.add_argument("--size", help=argparse.SUPPRESS)
@@ -217,6 +281,9 @@ def main() -> None:
         return
     if args.onnx_one:
         print(json.dumps(onnx_one(args)))
+        return
+    if args.volume_one:
+        print(json.dumps(volume_one(args)))
         return
     nets, sizes = args.nets.split(","), args.sizes.split(",")
     if args.quick:
@@ -249,6 +316,8 @@ def main() -> None:
         print(f"  {r['net']} {r['size']}: layouts {', '.join(r['layouts'])}")
     if args.onnx_size and args.device == "cpu":
         run_onnx("descriptor", args.onnx_size, args)
+    if args.volume_size:
+        run_volume(args)
     target = next((r for r in rows if r["net"] == "descriptor" and r["size"] == "1080x720"), None)
     if target:
         checks = [

@@ -253,7 +253,7 @@ class Converter:
         import torch.nn.functional as F
 
         for node in self.graph.nodes:
-            if node.op == "call_function" and node.target in (F.conv1d, F.conv2d):
+            if node.op == "call_function" and node.target in (F.conv1d, F.conv2d, F.conv3d):
                 w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
                 groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
                 if isinstance(w, fx.Node) and w.op == "get_attr" and isinstance(groups, int):
@@ -261,11 +261,11 @@ class Converter:
                 break
             if node.op == "call_module":
                 m = self.model.get_submodule(node.target)
-                if isinstance(m, (nn.Conv1d, nn.Conv2d)):
+                if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
                     return m.in_channels
                 if isinstance(m, nn.Linear) and m.in_features % prod(self.patch) == 0:
                     return m.in_features // prod(self.patch)
-                if isinstance(m, (nn.Linear, nn.Conv3d)):
+                if isinstance(m, nn.Linear):
                     break
         raise ConfigError("cannot tell how many channels the model reads (its first layer is not a "
                           "convolution); pass in_channels=")

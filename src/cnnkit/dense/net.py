@@ -25,6 +25,7 @@ from cnnkit.errors import ConfigError, UnsupportedLayerError
 log = logging.getLogger(__name__)
 
 _1D = (nn.Conv1d, nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d)
+_3D = (nn.Conv3d, nn.MaxPool3d, nn.AvgPool3d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d, nn.BatchNorm3d)
 
 
 class DenseNet(nn.Module):
@@ -64,7 +65,7 @@ class DenseNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         nd = len(self.patch)
         if x.dim() != nd + 2:
-            axes = "N x C x " + " x ".join("HW"[-nd:] if nd <= 2 else "L" * nd)
+            axes = "N x C x " + " x ".join("DHW"[-nd:])
             raise ConfigError(f"image batch has shape {tuple(x.shape)}; expected {axes}")
         if x.shape[1] != self.in_channels:
             raise ConfigError(f"image has {x.shape[1]} channels but the model takes {self.in_channels}; "
@@ -123,6 +124,8 @@ def _tuple(v, nd: int, name: str) -> tuple[int, ...]:
 def _spatial_dims(model: nn.Module, patch_size) -> int:
     if isinstance(patch_size, (tuple, list)):
         return len(patch_size)
+    if any(isinstance(m, _3D) for m in model.modules()):
+        return 3
     return 1 if any(isinstance(m, _1D) for m in model.modules()) else 2
 
 
@@ -130,7 +133,10 @@ def densify(model: nn.Module, patch_size, *, border: str = "zeros", exact: bool 
             max_memory: int | None = None, tile_size=None, in_channels: int | None = None) -> DenseNet:
     """Turn patch classifier ``model`` into a dense net ``(N, C, *L) -> (N, K, *L)``.
 
-    patch_size: int or tuple (one per spatial axis; 1D nets on (N, C, L) and 2D nets are supported).
+    patch_size: int or tuple (one per spatial axis; 1D nets on (N, C, L), 2D nets and 3D nets on
+        volumes (N, C, D, H, W) are supported; an int means the same size on every axis, and the
+        number of axes is read off the model's layer types: 3D if it has a Conv3d, pooling or
+        BatchNorm3d, 1D if a Conv1d or 1D pooling, else 2D).
     border: how the image is padded so border pixels have a patch: "zeros", "reflect", "replicate".
     exact: refuse (UnsupportedLayerError naming the layer) what cannot be exact: zero padding inside
         the patch net, ceil-mode pooling with a partial window. ``exact=False`` converts those
@@ -152,8 +158,8 @@ def densify(model: nn.Module, patch_size, *, border: str = "zeros", exact: bool 
         raise ConfigError(f"unknown mode {mode!r}; use one of {', '.join(LAYOUTS)}")
     nd = _spatial_dims(model, patch_size)
     patch = _tuple(patch_size, nd, "patch_size")
-    if nd not in (1, 2):
-        raise ConfigError(f"patch_size {patch_size!r}: only 1D and 2D patch nets are supported")
+    if nd not in (1, 2, 3):
+        raise ConfigError(f"patch_size {patch_size!r}: only 1D, 2D and 3D patch nets are supported")
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32

@@ -84,7 +84,7 @@ def _softmax_function(cv, node, _):
     return pointwise(cv, node, lambda t, *a, **k: fn(t, 1), fn.__name__)
 
 
-@register_module(nn.BatchNorm1d, nn.BatchNorm2d)
+@register_module(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 def _batchnorm_module(cv, node, m):
     """Eval-mode BatchNorm is a per-channel affine map (running statistics), whatever the mode of
     the module: batch statistics over all pixels would not be per-patch."""
@@ -108,12 +108,13 @@ def _batchnorm_function(cv, node, _):
     return pointwise(cv, node, fn, "batch_norm (eval)")
 
 
-@register_module(nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.FeatureAlphaDropout, nn.Identity)
+@register_module(nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
+                 nn.Identity)
 def _identity_module(cv, node, m):
     return IdentityStep(type(m).__name__), input_info(cv, node)
 
 
-@register_function(F.dropout, F.dropout1d, F.dropout2d, F.alpha_dropout, F.feature_alpha_dropout)
+@register_function(F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout)
 def _identity_function(cv, node, _):
     return IdentityStep("dropout (eval)"), input_info(cv, node)
 

@@ -28,8 +28,18 @@ from cnnkit.dense.rules import (
 # --------------------------------------------------------------------------- convolutions, FC
 
 
-@register_module(nn.Conv1d, nn.Conv2d)
+def check_rank(cv: Converter, node: fx.Node, m: nn.Module) -> None:
+    """A ``...3d`` module in a 2D patch net would take the (N, C, H, W) patch for one unbatched
+    volume and mix the batch and channel axes: refuse a module whose rank is not the patch's."""
+    name = type(m).__name__
+    if name[-1] == "d" and name[-2].isdigit() and int(name[-2]) != cv.nd:
+        cv.refuse(node, f"{name} in a {cv.nd}D patch net (patch {cv.patch}); give patch_size with "
+                  f"{name[-2]} axes")
+
+
+@register_module(nn.Conv1d, nn.Conv2d, nn.Conv3d)
 def _conv_module(cv, node, m):
+    check_rank(cv, node, m)
     if m.padding_mode != "zeros" and any(as_tuple(m.padding, cv.nd)) and cv.exact:
         cv.refuse(node, f"{m.padding_mode} padding inside the patch net")
     return spatial(cv, node, lambda a, kw: ConvKernel(m.weight, m.bias, m.kernel_size, m.groups),
@@ -38,7 +48,7 @@ def _conv_module(cv, node, m):
                    macs=m.out_channels * m.in_channels // m.groups)
 
 
-@register_function(F.conv1d, F.conv2d)
+@register_function(F.conv1d, F.conv2d, F.conv3d)
 def _conv_function(cv, node, _):
     w_shape = cv.shape(node.args[1] if len(node.args) > 1 else node.kwargs["weight"])
     nd = cv.nd
@@ -104,18 +114,20 @@ def _avg_pool(cv, node, kernel, stride, padding, ceil_mode, count_include_pad, d
                    label="avg-pool")
 
 
-@register_module(nn.MaxPool1d, nn.MaxPool2d)
+@register_module(nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 def _max_pool_module(cv, node, m):
+    check_rank(cv, node, m)
     return _max_pool(cv, node, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, m.return_indices)
 
 
-@register_module(nn.AvgPool1d, nn.AvgPool2d)
+@register_module(nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
 def _avg_pool_module(cv, node, m):
+    check_rank(cv, node, m)
     return _avg_pool(cv, node, m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad,
                      getattr(m, "divisor_override", None))
 
 
-@register_function(F.max_pool1d, F.max_pool2d)
+@register_function(F.max_pool1d, F.max_pool2d, F.max_pool3d)
 def _max_pool_function(cv, node, _):
     c = cv.concrete
     return _max_pool(cv, node, c(arg(node, 1, "kernel_size")), c(arg(node, 2, "stride")),
@@ -123,7 +135,7 @@ def _max_pool_function(cv, node, _):
                      c(arg(node, 5, "ceil_mode", False)), c(arg(node, 6, "return_indices", False)))
 
 
-@register_function(F.avg_pool1d, F.avg_pool2d)
+@register_function(F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)
 def _avg_pool_function(cv, node, _):
     c = cv.concrete
     return _avg_pool(cv, node, c(arg(node, 1, "kernel_size")), c(arg(node, 2, "stride")),
@@ -151,24 +163,26 @@ def _tup_none(v, nd):
     return (v,) * nd
 
 
-@register_module(nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
+@register_module(nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
 def _adaptive_avg_module(cv, node, m):
+    check_rank(cv, node, m)
     return _adaptive(cv, node, m.output_size, "avg")
 
 
-@register_module(nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
+@register_module(nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
 def _adaptive_max_module(cv, node, m):
+    check_rank(cv, node, m)
     if m.return_indices:
         cv.refuse(node, "adaptive max pooling with return_indices")
     return _adaptive(cv, node, m.output_size, "max")
 
 
-@register_function(F.adaptive_avg_pool1d, F.adaptive_avg_pool2d)
+@register_function(F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d)
 def _adaptive_avg_function(cv, node, _):
     return _adaptive(cv, node, cv.concrete(arg(node, 1, "output_size")), "avg")
 
 
-@register_function(F.adaptive_max_pool1d, F.adaptive_max_pool2d)
+@register_function(F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d)
 def _adaptive_max_function(cv, node, _):
     if cv.concrete(arg(node, 2, "return_indices", False)):
         cv.refuse(node, "adaptive max pooling with return_indices")
