@@ -98,7 +98,7 @@ CLASSIFY = [
     ({"meta": []}, "'meta' must be an object"),
     ({"meta.task": 5}, "'meta.task' must be a string"),
     ({"meta.config": "abc"}, "'meta.config' must be an object, found \"abc\""),
-    ({"meta.config.seed": "x"}, "'meta.config.seed' must be an integer"),
+    ({"meta.config.seed": "x"}, "'meta.config.seed' must be a whole number"),
     ({"meta.config.val_fraction": 5}, "'meta.config.val_fraction' must be a number in [0, 1)"),
     ({"meta.config.l2_features": "yes"}, "'meta.config.l2_features' must be true or false"),
     ({"meta.config.lr_steps": 5}, "'meta.config.lr_steps' must be a list of [first_epoch, factor] pairs"),
@@ -153,7 +153,7 @@ SEGMENT = [
     ({"meta.symmetries": [9]}, "'meta.symmetries' must be a non-empty list of integers in 0..7"),
     ({"meta.layouts": []}, "'meta.layouts' must be an object of strings"),
     ({"meta.config.palette": "red"}, "'meta.config.palette' must be a list of [r, g, b] lists"),
-    ({"meta.config.crop": "big"}, "'meta.config.crop' must be an integer"),
+    ({"meta.config.crop": "big"}, "'meta.config.crop' must be a whole number"),
 ]
 
 
@@ -293,3 +293,11 @@ def test_the_limit_is_a_flag_of_the_command(runs, tmp_path):
     assert "cnnkit --max-params 61706" in done.stderr and not (tmp_path / "out").exists()
     done = cnnkit("--max-params", "61706", "eval", str(runs["classify"]), "--json")
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("value", ["0.5", "0", "inf", "abc"])
+def test_a_bad_limit_names_the_flag(value):
+    done = cnnkit("--max-params", value, "summary", "lenet5")
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr == (f"error: argument --max-params: {value!r} is not a number of parameters >= 1 "
+                           "(e.g. 5e9) (see `cnnkit --help`)\n")

@@ -147,6 +147,7 @@ def test_cli_bad_export_path_is_one_error_line(tmp_path):
     r = _cli("--net", "toy", "--size", "20x20", "--export", str(tmp_path))
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and "folder" in r.stderr
+    assert r.stderr.startswith(f"error: --export {tmp_path} is a folder") and r.stdout == ""  # before any work
 
 
 def test_cli_without_onnx_names_the_install(tmp_path):
@@ -184,18 +185,11 @@ def test_op_without_onnx_form_names_the_layer(tmp_path, monkeypatch):
     from cnnkit.dense.rules import FUNCTION_RULES
     from cnnkit.dense.rules_pointwise import _pointwise_call
 
-    monkeypatch.setitem(FUNCTION_RULES, torch.lgamma, _pointwise_call)
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.c, self.head = nn.Conv2d(1, 2, 3), nn.Conv2d(2, 2, 3)
-
-        def forward(self, x):
-            return self.head(torch.lgamma(self.c(x))).flatten(1)
-
+    monkeypatch.setitem(FUNCTION_RULES, torch.lgamma, _pointwise_call)  # USER_NET registers it; undone after
+    user = {}
+    exec(USER_NET, user)  # the net the command-line test imports
     with pytest.raises(ExportError, match=r"layer 'lgamma'.*aten::lgamma"):
-        export_onnx(densify(Net(), 5), tmp_path / "d.onnx")
+        export_onnx(densify(user["Net"](), 5), tmp_path / "d.onnx")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -13,7 +13,7 @@ import os
 import sys
 
 from cnnkit import __version__
-from cnnkit.cli.argtypes import positive_float
+from cnnkit.cli.argtypes import parameter_count
 from cnnkit.errors import CnnkitError
 
 # Modules that define subcommands, in the order `cnnkit --help` lists them. Each has
@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"cnnkit {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
-    parser.add_argument("--max-params", type=positive_float, default=None, metavar="N",
+    parser.add_argument("--max-params", type=parameter_count, default=None, metavar="N",
                         help="the most parameters a model built from a checkpoint may have (default: 2e9, or "
                         "$CNNKIT_MAX_PARAMS); a file asking for more is refused before anything is built")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_params is not None:
         from cnnkit.train.checkpoint_schema import MAX_PARAMS_ENV
 
-        os.environ[MAX_PARAMS_ENV] = str(int(args.max_params))
+        os.environ[MAX_PARAMS_ENV] = str(args.max_params)
     # progress messages share stdout with the output: none when the output is JSON for a program to read
     _configure_logging(args.verbose, quiet=bool(getattr(args, "json", False)))
     if not getattr(args, "func", None):

@@ -26,6 +26,9 @@ positive_int = _number(int, lambda v: v >= 1, "a positive whole number")
 count = _number(int, lambda v: v >= 0, "a whole number >= 0")
 positive_float = _number(float, lambda v: math.isfinite(v) and v > 0, "a positive number")
 nonnegative_float = _number(float, lambda v: math.isfinite(v) and v >= 0, "a number >= 0")
+# a parameter count such as 5e9: a whole number >= 1 once read as a number
+parameter_count = _number(lambda t: int(float(t)) if math.isfinite(float(t)) else -1, lambda v: v >= 1,
+                          "a number of parameters >= 1 (e.g. 5e9)")
 fraction = _number(float, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
 # seeds are combined with epochs and streams into 64-bit generator seeds (and NumPy takes no negative seed)
 seed = _number(int, lambda v: 0 <= v < 2**32, "a whole number in [0, 2^32)")

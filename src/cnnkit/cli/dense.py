@@ -11,7 +11,7 @@ import torch
 
 from cnnkit.cli.argtypes import positive_int, seed
 from cnnkit.dense.allocator import retain_freed_memory
-from cnnkit.errors import ConfigError
+from cnnkit.errors import ConfigError, OutputError
 from cnnkit.models import PATCH_NETS, create_patch_net
 from cnnkit.utils import resolve_device, seed_everything
 
@@ -61,6 +61,8 @@ def run_densify(args) -> int:
 
     retain_freed_memory()  # full-resolution maps: reuse pages (see cnnkit.dense.allocator)
     seed_everything(args.seed)
+    if args.export and Path(args.export).is_dir():  # before any work is shown
+        raise OutputError(f"--export {args.export} is a folder; give the name of the .onnx file to write")
     device = resolve_device(args.device)
     size = _size(args.size)
     preprocess_args, border = {"normalize": "none", "contrast": "none"}, args.border or "zeros"

@@ -111,12 +111,8 @@ META = {  # what the runner (every task) and image classification store and read
     "load_size": optional(SIZE),
 }
 
-CONFIG_SIZE = Rule("a size: 32, \"32x48\" or [32, 48]",  # as a config file may give it (parse_size reads it)
-                   lambda v: isinstance(v, str) or _int(v) or (isinstance(v, list) and all(map(_int, v))))
-CONFIG_SPECIAL = {  # TrainConfig fields whose annotation says less than the code reading them needs
+CONFIG_SPECIAL = {  # config fields whose annotation says less than the code reading them needs
     "model_options": OBJECT,
-    "input_size": optional(CONFIG_SIZE),
-    "load_size": optional(CONFIG_SIZE),
     "val_fraction": Rule("a number in [0, 1)", lambda v: _number(v) and 0 <= v < 1),
     "lr_steps": Rule("a list of [first_epoch, factor] pairs of numbers",
                      lambda v: isinstance(v, list) and all(isinstance(s, list) and len(s) == 2
@@ -157,18 +153,11 @@ def register_task_schema(task: str, schema: TaskSchema) -> None:
 
 def _config_rules(task: str) -> dict[str, Rule]:
     """A rule per field of the run's configuration class, from its annotation (resume rebuilds it)."""
-    from cnnkit.train.config import TrainConfig
+    from cnnkit.train.config import TrainConfig, field_type
 
     cls = TASK_SCHEMAS[task].config() if task in TASK_SCHEMAS else TrainConfig
-    simple = {str: STRING, int: INT, float: NUMBER, bool: BOOL, dict: OBJECT, list: LIST}
-    rules = {}
-    for name, hint in typing.get_type_hints(cls).items():
-        kinds = [k for k in typing.get_args(hint) if k is not type(None)] or [hint]  # `X | None`: X
-        if name in CONFIG_SPECIAL:
-            rules[name] = CONFIG_SPECIAL[name]
-        elif len(kinds) == 1 and kinds[0] in simple:
-            rules[name] = simple[kinds[0]] if kinds[0] is hint else optional(simple[kinds[0]])
-    return rules
+    return {name: CONFIG_SPECIAL[name] if name in CONFIG_SPECIAL else Rule(*field_type(cls, name))
+            for name in typing.get_type_hints(cls)}
 
 
 # --------------------------------------------------------------------------- 1. the document

@@ -203,24 +203,37 @@ _TYPE_NAMES = {bool: "true or false", int: "a whole number", float: "a number", 
                list: "a list [...]", dict: "a table { key = value }"}
 
 
+def field_type(cls: type, name: str) -> tuple[str, typing.Callable[[object], bool]]:
+    """What setting ``name`` of config class ``cls`` must be, in words, and a test of a value: both from the
+    field's annotation (a size may be 32, "32x48" or [32, 48]; ``X | None`` also takes None). Shared by
+    config files (``read_config_file``) and checkpoints' stored configuration (``checkpoint_schema``)."""
+    hint = typing.get_type_hints(cls)[name]
+    args = typing.get_args(hint)
+    kinds = [k for k in args if k is not type(None)] or [hint]
+
+    def kind_ok(kind, value) -> bool:
+        if typing.get_origin(kind) is tuple:  # parse_size checks the rest
+            return isinstance(value, (str, list)) or (isinstance(value, int) and not isinstance(value, bool))
+        if kind is float:
+            return _is_number(value)
+        if kind is int:
+            return isinstance(value, int) and not isinstance(value, bool)
+        return isinstance(value, kind)
+
+    def ok(value) -> bool:
+        return (value is None and type(None) in args) or any(kind_ok(k, value) for k in kinds)
+
+    wanted = " or ".join("a size (32 or \"32x48\")" if typing.get_origin(k) is tuple else _TYPE_NAMES.get(k, k.__name__)
+                         for k in kinds)
+    return wanted, ok
+
+
 def _check_type(path: Path, name: str, value, cls: type) -> None:
     """A setting of the wrong type (``momentum = "high"``) is one line naming the file, the key and an example,
     before anything is built. Values are checked further (ranges) by ``validate``."""
-    hint = typing.get_type_hints(cls)[name]
-    kinds = [k for k in typing.get_args(hint) if k is not type(None)] or [hint]  # `X | None`: X
-    for kind in kinds:
-        if typing.get_origin(kind) is tuple:  # a size: 32, "32x48" or [32, 48] (parse_size checks the rest)
-            ok = isinstance(value, (str, list)) or (isinstance(value, int) and not isinstance(value, bool))
-        elif kind is float:
-            ok = _is_number(value)
-        elif kind is int:
-            ok = isinstance(value, int) and not isinstance(value, bool)
-        else:
-            ok = isinstance(value, kind)
-        if ok:
-            return
-    wanted = " or ".join("a size (32 or \"32x48\")" if typing.get_origin(k) is tuple else _TYPE_NAMES.get(k, k.__name__)
-                         for k in kinds)
+    wanted, ok = field_type(cls, name)
+    if ok(value):
+        return
     default = getattr(cls(), name)
     example = f" (e.g. {name} = {_toml_value(default)})" if default not in (None, [], {}, "") else ""
     try:
