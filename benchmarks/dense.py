@@ -7,14 +7,20 @@ Ciresan et al.'s membrane net N3 (65x65), on 256x256, 512x512 and 1080x720 image
 - patch-by-patch time, measured on a random subset of pixels and scaled to all pixels;
 - speedup, and the FLOP ratio of the two methods (the speedup's limit);
 - the dense net's achieved GFLOP/s next to fp32 matrix-multiply GFLOP/s measured in the same run;
-- peak memory (resident-set high-water mark above the process's state before the dense call,
-  one fresh subprocess per configuration; torch.cuda.max_memory_allocated on CUDA), untiled and
-  tiled with --max-memory;
+- peak memory of the first dense call above the process's state before it (resident-set
+  high-water mark reset through /proc/self/clear_refs, one fresh subprocess per configuration;
+  torch.cuda.max_memory_allocated on CUDA), untiled and under --max-memory (default: densify's
+  default budget);
 - the max abs difference between the dense output and patch-by-patch on the subset;
 - on CPU, one line: the descriptor net's ONNX export (cnnkit.dense.export_onnx) in onnxruntime beside
   the PyTorch dense net, same image, same thread count (--onnx-size, default 512x512);
 - one line for volumes: a small 3D patch net (22^3 voxels) on a 128^3 volume (--volume-size; 48 with
   --quick), dense vs patch by patch (on a subset of voxels, scaled), with the FLOP ratio.
+
+- the budget table (descriptor net, --budget-size 1080x720): untiled, the default budget and
+  --budgets (768 MB, 512 MB, 256 MB): budget, tiles, predicted and measured peak of a first call
+  (layouts still to be timed) and of a later call, each budget in its own fresh process; time and
+  speed against untiled, timed alternately in one process (--budgets-only runs just this table).
 
 FLOPs count the convolutions and FC layers (2 x multiply-accumulates). Run from the repository
 root: `python benchmarks/dense.py [--quick]`.
@@ -66,6 +72,48 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def _status_mb(key: str) -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith(key))
+
+
+def _peak_start(device) -> float:
+    """Start measuring a call's peak: CUDA's allocated-bytes peak, or the resident set's high-water
+    mark reset to the current resident set (/proc/self/clear_refs; else ru_maxrss, whose earlier
+    high-water mark may hide part of the call's peak)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated() / 2**20
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _status_mb("VmRSS")
+    except OSError:
+        return _rss_mb()
+
+
+def _peak_since(base: float, device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / 2**20 - base
+    try:
+        return _status_mb("VmHWM") - base
+    except (OSError, StopIteration):
+        return _rss_mb() - base
+
+
+def _budget(text: str | None) -> int | None:
+    """--max-memory: bytes, "default" (densify's default budget) or "untiled" (no tiles)."""
+    if text in (None, "", "default"):
+        return None
+    return 10**15 if text == "untiled" else int(float(text))
+
+
+def _plan_json(plan) -> dict:
+    return {"tile": plan.tile, "budget_mb": plan.budget / 2**20, "predicted_mb": plan.predicted / 2**20}
+
+
 def matmul_rate(a: torch.Tensor, b: torch.Tensor, seconds: float, device) -> float:
     """fp32 GFLOP/s of 2048 x 2048 products sustained for about ``seconds`` (at least 3)."""
     n = a.shape[0]
@@ -91,27 +139,29 @@ def one(args) -> dict:
     model, patch = create_patch_net(args.net)
     model.to(device).eval()
     w, h = (int(v) for v in args.size.split("x"))
-    max_memory = int(args.max_memory) if args.max_memory else None
+    max_memory = _budget(args.max_memory)
     dense = densify(model, patch, mode=args.mode, max_memory=max_memory)
     x = torch.randn(1, dense.in_channels, h, w, device=device)
-    result = {"net": args.net, "size": args.size, "tiled": bool(max_memory),
+    result = {"net": args.net, "size": args.size, "max_memory": args.max_memory,
               "threads": torch.get_num_threads(), "retained_malloc": retained}
     a, b = torch.randn(2048, 2048, device=device), torch.randn(2048, 2048, device=device)
     with torch.no_grad():
-        # dense first, so that the high-water mark above `base` is the dense net's alone
-        base = _rss_mb()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        y = dense(x)  # warm-up: layouts are timed and chosen here
+        base = _peak_start(device)
+        y = dense(x)  # first call: layouts are timed and chosen here
+        result["peak_mb"] = _peak_since(base, device)
+        result["plan"] = _plan_json(dense.last_plan)
+        del y
+        base = _peak_start(device)
+        y = dense(x)  # a later call: layouts known, its own plan
+        result["later_peak_mb"] = _peak_since(base, device)
+        result["later_plan"] = _plan_json(dense.last_plan)
         dense_times, mm_rates = [], []
         for _ in range(args.reps):  # interleaved, so both see the same load on a shared machine
             dense_times.append(_median_time(lambda: dense(x), 1, device))
             mm_rates.append(matmul_rate(a, b, dense_times[-1], device))
         result["dense_seconds"] = statistics.median(dense_times)
         result["matmul_gflops"] = statistics.median(mm_rates)
-        result["peak_mb"] = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
-                             else _rss_mb() - base)
-        if not max_memory:
+        if args.max_memory == "untiled":
             # patch-by-patch on a random subset of pixels, scaled to all pixels
             gen = torch.Generator().manual_seed(1)
             flat = torch.randperm(h * w, generator=gen)[: args.pixels]
@@ -239,10 +289,102 @@ def run_onnx(net: str, size: str, args) -> None:
           f"{r['ort_seconds'] / r['torch_seconds']:.2f}; max abs difference {r['max_abs_diff']:.2e}")
 
 
-def run_subprocess(net: str, size: str, args, max_memory: float | None) -> dict:
+def budget_one(args) -> dict:
+    """Runs in a fresh process: the descriptor net under one budget; the first call's peak and plan
+    (layouts still to be timed), then a later call's (layouts known), or the budget's error."""
+    from cnnkit.dense import densify
+    from cnnkit.dense.allocator import retain_freed_memory
+    from cnnkit.errors import ConfigError
+    from cnnkit.models import create_patch_net
+
+    if not args.default_malloc:
+        retain_freed_memory()
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    model, patch = create_patch_net("descriptor")
+    dense = densify(model.to(device).eval(), patch, mode=args.mode, max_memory=_budget(args.max_memory))
+    w, h = (int(v) for v in args.size.split("x"))
+    x = torch.randn(1, dense.in_channels, h, w, device=device)
+    out = {"max_memory": args.max_memory}
+    with torch.no_grad():
+        try:
+            for name in ("first", "later"):
+                base = _peak_start(device)
+                y = dense(x)
+                out[name] = {"peak_mb": _peak_since(base, device), **_plan_json(dense.last_plan)}
+                del y
+        except ConfigError as exc:
+            out["error"] = str(exc)
+    return out
+
+
+def speed_one(args) -> dict:
+    """Runs in a fresh process: the descriptor net untiled and in each of ``args.tiles``, timed
+    alternately (median of ``args.reps``), so every ratio sees the same machine load."""
+    from cnnkit.dense import densify
+    from cnnkit.dense.allocator import retain_freed_memory
+    from cnnkit.models import create_patch_net
+
+    if not args.default_malloc:
+        retain_freed_memory()
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    model, patch = create_patch_net("descriptor")
+    dense = densify(model.to(device).eval(), patch, mode=args.mode)
+    w, h = (int(v) for v in args.size.split("x"))
+    x = torch.randn(1, dense.in_channels, h, w, device=device)
+    tiles = [None] + [tuple(t) for t in json.loads(args.tiles)]
+    times: dict = {t: [] for t in tiles}
+    with torch.no_grad():
+        dense.tile_size = (h, w)
+        dense(x)  # layouts chosen
+        for _ in range(args.reps):
+            for t in tiles:
+                dense.tile_size = t or (h, w)  # one tile as large as the image: untiled
+                times[t].append(_median_time(lambda: dense(x), 1, device))
+    return {"seconds": [statistics.median(times[t]) for t in tiles], "threads": torch.get_num_threads()}
+
+
+def run_budgets(args) -> list[dict]:
+    """The budget table: each budget's peaks in a fresh process, then all speeds in one process."""
+    size = args.budget_size
+    rows = [_run_json([sys.executable, __file__, "--budget-one", "--size", size, "--max-memory", b,
+                       "--mode", args.mode, "--device", args.device]
+                      + (["--default-malloc"] if args.default_malloc else []), f"budget {b}")
+            for b in ["untiled"] + args.budgets.split(",")]
+    tiles = [r["later"]["tile"] for r in rows[1:] if "error" not in r and r["later"]["tile"]]
+    speed = _run_json([sys.executable, __file__, "--speed-one", "--size", size, "--tiles", json.dumps(tiles),
+                       "--reps", str(args.reps), "--mode", args.mode, "--device", args.device]
+                      + (["--default-malloc"] if args.default_malloc else []), "budget speeds")
+    seconds = dict(zip([None] + [tuple(t) for t in tiles], speed["seconds"]))
+    print(f"\nmax_memory on the descriptor net at {size} ({args.device}, {speed['threads']} threads): peak "
+          "memory above the process's state, first call (layouts timed) and a later call, each "
+          "budget in a fresh process; times: median of alternating runs in one process")
+    print(f"{'budget':<10}{'MB':>6} | {'1st: tile':>11}{'predicted':>10}{'peak':>6} | {'later: tile':>12}"
+          f"{'predicted':>10}{'peak':>6} | {'time s':>7}{'vs untiled':>11}")
+    for r in rows:
+        name = r["max_memory"]
+        if "error" in r:
+            print(f"{name:<10}  error: {r['error']}")
+            continue
+        first, later = r["first"], r["later"]
+        t = seconds.get(tuple(later["tile"]) if later["tile"] else None)
+        budget = "-" if name == "untiled" else f"{later['budget_mb']:.0f}"
+
+        def tile(p):
+            return "x".join(map(str, p["tile"])) if p["tile"] else "whole"
+
+        print(f"{name:<10}{budget:>6} | {tile(first):>11}{first['predicted_mb']:>10.0f}{first['peak_mb']:>6.0f} | "
+              f"{tile(later):>12}{later['predicted_mb']:>10.0f}{later['peak_mb']:>6.0f} | "
+              f"{t or 0:>7.2f}{seconds[None] / t if t else 0:>11.2f}")
+        r["seconds"], r["speed"] = t, (seconds[None] / t if t else None)
+    return rows
+
+
+def run_subprocess(net: str, size: str, args, max_memory: str) -> dict:
     cmd = [sys.executable, __file__, "--one", "--net", net, "--size", size, "--reps", str(args.reps),
            "--patch-reps", str(args.patch_reps), "--pixels", str(args.pixels), "--mode", args.mode,
-           "--device", args.device, "--max-memory", str(int(max_memory or 0))]
+           "--device", args.device, "--max-memory", max_memory]
     if args.default_malloc:
         cmd.append("--default-malloc")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, ["src", os.environ.get("PYTHONPATH")])))
@@ -262,7 +404,11 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3, help="dense repetitions (median)")
     p.add_argument("--patch-reps", type=int, default=3, help="patch-by-patch repetitions (median)")
     p.add_argument("--mode", default="auto", choices=("auto", "dilated", "space_to_batch"))
-    p.add_argument("--max-memory", type=float, default=1e9, help="tiled runs: bytes (default 1e9)")
+    p.add_argument("--max-memory", default="default",
+                   help="the tiled column's budget: bytes, or 'default' (densify's default budget)")
+    p.add_argument("--budgets", default="default,805306368,536870912,268435456",
+                   help="budget table (descriptor net, --budget-size): bytes or 'default'; empty: skip")
+    p.add_argument("--budget-size", default="1080x720", help="W x H of the budget table")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--default-malloc", action="store_true",
                    help="leave glibc malloc as it is (default: keep freed memory, see dense/allocator.py)")
@@ -270,7 +416,11 @@ def main() -> None:
                    help="W x H of the ONNX Runtime vs PyTorch line (descriptor net, CPU); empty: skip it")
     p.add_argument("--volume-size", default="128",
                    help="side of the 3D net's cubic volume (--quick: 48); empty: skip the 3D line")
+    p.add_argument("--budgets-only", action="store_true", help="only the budget table")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--budget-one", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--speed-one", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--tiles", help=argparse.SUPPRESS)
     p.add_argument("--volume-one", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--onnx-one", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--net", help=argparse.SUPPRESS)
@@ -281,6 +431,15 @@ def main() -> None:
         return
     if args.onnx_one:
         print(json.dumps(onnx_one(args)))
+        return
+    if args.budget_one:
+        print(json.dumps(budget_one(args)))
+        return
+    if args.speed_one:
+        print(json.dumps(speed_one(args)))
+        return
+    if args.budgets_only:
+        _budget_checks(run_budgets(args))
         return
     if args.volume_one:
         print(json.dumps(volume_one(args)))
@@ -302,8 +461,8 @@ def main() -> None:
     rows = []
     for net in nets:
         for size in sizes:
-            r = run_subprocess(net, size, args, None)
-            tiled = run_subprocess(net, size, args, args.max_memory) if args.max_memory else None
+            r = run_subprocess(net, size, args, "untiled")
+            tiled = run_subprocess(net, size, args, args.max_memory)
             r["tiled_peak_mb"] = tiled["peak_mb"] if tiled else None
             r["tiled_seconds"] = tiled["dense_seconds"] if tiled else None
             rows.append(r)
@@ -318,6 +477,7 @@ def main() -> None:
         run_onnx("descriptor", args.onnx_size, args)
     if args.volume_size:
         run_volume(args)
+    budgets = run_budgets(args) if args.budgets else None
     target = next((r for r in rows if r["net"] == "descriptor" and r["size"] == "1080x720"), None)
     if target:
         checks = [
@@ -325,12 +485,31 @@ def main() -> None:
              f"{target['speedup']:.1f} vs {0.7 * target['flop_ratio']:.1f}"),
             ("dense GFLOP/s >= 0.5 x matmul", target["dense_gflops"] >= 0.5 * target["matmul_gflops"],
              f"{target['dense_gflops']:.1f} vs {0.5 * target['matmul_gflops']:.1f}"),
-            ("tiled peak < 2 GB", target["tiled_peak_mb"] is not None and target["tiled_peak_mb"] < 2048,
-             f"{target['tiled_peak_mb']:.0f} MB"),
         ]
         print("descriptor net at 1080x720:")
         for name, ok, detail in checks:
             print(f"  {'PASS' if ok else 'FAIL'}  {name}: {detail}")
+    if budgets:
+        _budget_checks(budgets)
+
+
+def _budget_checks(rows: list[dict]) -> None:
+    """The issue's figures: every budget bounds both calls' peaks; with no budget given, the peak
+    stays <= 1 GB (10^9 bytes) at >= 0.9x the untiled speed."""
+    print("budgets:")
+    for r in rows[1:]:
+        if "error" in r:
+            continue
+        peak = max(r["first"]["peak_mb"], r["later"]["peak_mb"])
+        budget = r["later"]["budget_mb"]
+        print(f"  {'PASS' if peak <= budget else 'FAIL'}  {r['max_memory']}: peak {peak:.0f} MB <= budget "
+              f"{budget:.0f} MB")
+        if r["max_memory"] == "default":
+            ok = peak * 2**20 <= 1e9
+            print(f"  {'PASS' if ok else 'FAIL'}  default budget: peak {peak * 2**20 / 1e9:.3f} GB <= 1 GB")
+            if r["speed"] is not None:
+                print(f"  {'PASS' if r['speed'] >= 0.9 else 'FAIL'}  default budget: {r['speed']:.2f}x untiled "
+                      "speed >= 0.9x")
 
 
 if __name__ == "__main__":

@@ -214,3 +214,22 @@ def test_1d_net_exports_with_dynamic_length(tmp_path):
         ref = dense(x)
     torch.testing.assert_close(torch.from_numpy(sess.run(None, {"image": x.numpy()})[0]), ref,
                                rtol=1e-5, atol=1e-5)
+
+
+def test_3d_net_exports_with_dynamic_depth_height_width(tmp_path):
+    """A volume net (Conv3d, max and average pooling, BatchNorm3d, FC head): N, D, H and W stay dynamic."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv3d(2, 4, 3), nn.BatchNorm3d(4), nn.ReLU(), nn.MaxPool3d(2),  # 10 -> 8 -> 4
+                          nn.Conv3d(4, 4, 2), nn.AvgPool3d(3, 1), nn.Flatten(), nn.Linear(4, 3))  # 4 -> 3 -> 1
+    model[1].running_mean.uniform_(-0.5, 0.5)
+    model[1].running_var.uniform_(0.5, 2.0)
+    dense = densify(model.eval(), 10, border="reflect")
+    path = export_onnx(dense, tmp_path / "d.onnx", sample_size=(12, 11, 13))
+    sess = _session(path)
+    for shape in [(2, 13, 9, 17), (1, 7, 15, 8)]:
+        x = torch.randn(shape[0], 2, *shape[1:])
+        with torch.no_grad():
+            ref = dense(x)
+        got = torch.from_numpy(sess.run(None, {"image": x.numpy()})[0])
+        assert got.shape == (shape[0], 3, *shape[1:])
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)

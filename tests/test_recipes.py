@@ -55,6 +55,14 @@ def test_published_numbers():
     assert rates[8:12] == [5e-5] * 4 and rates[12:] == [1e-5] * 8
 
 
+def test_lenet_recipe_cites_the_papers_sections():
+    sources = {k: src for k, (_, src) in get_recipe("lenet1998").settings.items()}
+    # Sec. III-B is "Results" (III-C compares classifiers); Appendix B is on-line learning, C is SDLM
+    assert all(sources[k].startswith("Sec. III-B") for k in ("epochs", "schedule", "lr_steps"))
+    assert sources["batch_size"].startswith("Appendix B") and "Appendix C" in sources["lr"]
+    assert not any("III-C" in src for src in sources.values())
+
+
 def test_precedence_recipe_then_file_then_flags(tmp_path):
     cfg_file = tmp_path / "run.toml"
     cfg_file.write_text('recipe = "vgg2014"\nbatch-size = 32\nlr = 0.02\naugment = "crop,flip"\n')

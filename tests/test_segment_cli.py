@@ -70,7 +70,7 @@ def test_train_on_generated_data(tmp_path):
 def test_predict_and_eval_a_trained_checkpoint(checkpoint, data_dir, tmp_path):
     out = tmp_path / "pred"
     done = cnnkit("segment", "predict", str(checkpoint), "--images", str(data_dir / "images"), "--out", str(out),
-                  "--max-memory", "4", "--no-tta")
+                  "--max-memory", "64", "--no-tta")
     assert done.returncode == 0, done.stderr
     # trained with --valid, predicted without: one warning line on stderr, the outputs still written
     assert done.stderr.startswith("warning: the checkpoint was trained with valid-region masks")

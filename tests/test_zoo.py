@@ -11,6 +11,7 @@ from cnnkit.models.alexnet import LECTURE_NEURONS
 from cnnkit.models.blocks import conv_stack, feature_shape
 from cnnkit.models.chatfield import ARCHS
 from cnnkit.models.googlenet import TABLE1, Inception
+from cnnkit.models.patch import PATCH_NETS_3D
 
 
 def n_params(m: nn.Module) -> int:
@@ -44,6 +45,7 @@ REFERENCE_PARAMS = [
     ("overfeat_fast", {}, 145_920_872),
     ("overfeat_accurate", {}, 144_656_488),
     ("lenet5", {}, 61_706),
+    ("lenet5_1998", {}, 60_000),  # the paper's own count (Sec. II-B); see lenet1998.py
     ("zfnet", {}, 62_357_608),  # not printed by the paper; see zfnet.py
     ("deep_image", {}, 212_761_384),  # not printed by the paper; see deep_image.py
     # auxiliary heads: 512*128+128 + 2048*1024+1024 + 1024*1000+1000 = 3,188,840 (4a); 3,190,888 (4d)
@@ -171,6 +173,23 @@ def test_alexnet_options():
         meta("alexnet", colour=True)
 
 
+def test_zfnet_pools_before_normalising():
+    """Figure 3: conv -> ReLU -> max pool -> contrast norm; AlexNet's order on request, same sizes."""
+    order = [n for n, _ in meta("zfnet").features.named_children()][:8]
+    assert order == ["conv1", "relu1", "pool1", "norm1", "conv2", "relu2", "pool2", "norm2"]
+    alex_order = [n for n, _ in meta("zfnet", lrn_order="norm_pool").features.named_children()][:4]
+    assert alex_order == ["conv1", "relu1", "norm1", "pool1"]
+    assert n_params(meta("zfnet", lrn_order="norm_pool")) == 62_357_608
+    torch.manual_seed(0)
+    net = meta("zfnet").features[:4].to_empty(device="cpu").eval()  # conv1 .. norm1: no 62 M build
+    nn.init.normal_(net.conv1.weight, std=0.1)
+    nn.init.normal_(net.conv1.bias)
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        pooled = net.pool1(net.relu1(net.conv1(x)))
+        torch.testing.assert_close(net(x), net.norm1(pooled))
+
+
 def test_googlenet_aux_heads():
     torch.manual_seed(0)
     net = create("googlenet", num_classes=4, aux_logits=True)
@@ -200,7 +219,7 @@ SLOW = {"vgg_a", "vgg_a_lrn", "vgg_b", "vgg_c", "vgg_d", "vgg_e", "deep_image", 
         "overfeat_accurate", "cnn_s", "cnn_m", "cnn_m_2048", "cnn_m_1024", "cnn_m_128", "zfnet"}
 # The patch nets are plain nn.Sequential with a patch_size, not ClassifierNets (no features/classifier
 # split, no head to reset): tests/test_patch_nets.py runs each forward and backward and densifies it.
-CLASSIFIERS = [n for n in list_models() if n not in PATCH_NETS]
+CLASSIFIERS = [n for n in list_models() if n not in PATCH_NETS + PATCH_NETS_3D]
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n

@@ -10,12 +10,19 @@ fraction of the k nearest that share the query's class; average precision (AP) i
 precision at the rank of every relevant item; mAP is the mean AP over queries. Ties are broken by
 database order (a stable sort), so results are deterministic. By chance (random ranking) the mAP is
 close to the fraction of relevant items, about 0.1 for ten balanced classes.
+
+:func:`evaluate_retrieval` is exact and streams: chunks of queries sized to a memory budget, each
+chunk's distances sorted once, and only the ranks of the relevant items kept. CIFAR-10 (10,000 queries
+against 50,000 images, LeNet-5) takes about 30 s of CPU time and 0.75 GB; see benchmarks/retrieval.py.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +30,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from cnnkit.analysis.common import check_layer, checkpoint_splits, image_tile, load_images, save_png
 from cnnkit.data import labels_of
+from cnnkit.data.common import ArrayDataset
 from cnnkit.errors import CheckpointError, ConfigError, DataError
 from cnnkit.models import extract_features
 from cnnkit.utils import atomic_path
@@ -35,7 +43,12 @@ log = logging.getLogger(__name__)
 
 METRICS = ("euclidean", "cosine")
 FEATURE_SUFFIXES = (".npy", ".safetensors")
-PIXEL_BASELINE_LIMIT = 200_000_000  # float32 values (800 MB): above this the pixel baseline is skipped
+# The pixel baseline: its cost per ranking, queries x database x pixels multiply-adds (1e11 is seconds on
+# two cores; the whole of CIFAR-10, 1.5e12, would take minutes), and the pixels it holds in memory.
+PIXEL_BASELINE_LIMIT = 100_000_000_000
+PIXEL_VALUES_LIMIT = 250_000_000  # float32 values (1 GB), queries' and database's together
+QUERY_SEED = 0  # the random subset of queries that `queries` keeps
+FEATURE_BATCH_BYTES = 32 * 2**20  # float32 input images per forward pass of compute_features
 WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
@@ -58,23 +71,50 @@ def l2_normalise(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     return x / x.norm(dim=1, keepdim=True).clamp_min(eps)
 
 
+def image_batches(images, batch_size: int = 256):
+    """(B, C, H, W) float32 batches in [0, 1], in order, of a dataset or an (N, C, H, W) tensor. An
+    :class:`ArrayDataset` is sliced as its item method would (no per-item indexing, no second copy)."""
+    if torch.is_tensor(images):
+        yield from images.split(batch_size)
+    elif isinstance(images, ArrayDataset):
+        for x in images.images.split(batch_size):  # (B, C0, H, W), C0 = 1 or images.channels
+            x = x.float().div_(255) if x.dtype == torch.uint8 else x.clone()
+            yield x.repeat(1, images.channels, 1, 1) if x.shape[1] != images.channels else x
+    else:
+        yield from (x for x, _ in DataLoader(images, batch_size=batch_size, shuffle=False))
+
+
 @torch.no_grad()
 def compute_features(model: nn.Module, images, layer: str, *, mean: torch.Tensor | None = None,
-                     batch_size: int = 256, l2: bool = False) -> torch.Tensor:
-    """(N, D) float32 features of ``layer`` (flattened) for a dataset or an (N, C, H, W) tensor."""
+                     batch_size: int | None = None, l2: bool = False, progress: bool | None = None,
+                     desc: str = "features") -> torch.Tensor:
+    """(N, D) float32 features of ``layer`` (flattened) for a dataset or an (N, C, H, W) tensor.
+
+    ``batch_size`` defaults to as many images as fit in :data:`FEATURE_BATCH_BYTES`, at most 1024:
+    small images go in large batches (LeNet-5 on CIFAR-10 runs 2-3x faster at 1024 than at 256),
+    large ones in small batches, which bounds the activations' memory.
+    """
+    from cnnkit.train.engine import bar
+
     model.eval()
     param = next(model.parameters())
-    batches = images.split(batch_size) if torch.is_tensor(images) else (
-        x for x, _ in DataLoader(images, batch_size=batch_size, shuffle=False))
-    chunks = []
-    for x in batches:
+    n = len(images)
+    if n == 0:
+        raise DataError("no images to compute features for")
+    if batch_size is None:
+        first = images[0] if torch.is_tensor(images) else images[0][0]  # (C, H, W)
+        batch_size = max(1, min(1024, FEATURE_BATCH_BYTES // (4 * first.numel())))
+    mean = None if mean is None else mean.to(param.device, param.dtype)
+    features, start = None, 0
+    for x in bar(image_batches(images, batch_size), progress, desc, total=-(-n // batch_size)):
         x = x.to(param.device, param.dtype)
         if mean is not None:
-            x = x - mean.to(param.device, param.dtype)  # the mean image the network was trained with
-        chunks.append(extract_features(model, x, [layer])[layer].flatten(1).float().cpu())  # (B, D)
-    if not chunks:
-        raise DataError("no images to compute features for")
-    features = torch.cat(chunks)
+            x = x - mean  # the mean image the network was trained with
+        f = extract_features(model, x, [layer])[layer].flatten(1).float().cpu()  # (B, D)
+        if features is None:
+            features = torch.empty(n, f.shape[1])  # filled in place: the features are never held twice
+        features[start:start + len(f)] = f
+        start += len(f)
     return l2_normalise(features) if l2 else features
 
 
@@ -127,6 +167,12 @@ def load_features(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None, 
 
 # --------------------------------------------------------------------------- ranking and metrics
 
+# Queries per distance call. BLAS rounds a row's distances alike for any block of a few to a few hundred
+# rows (not for a single row, nor for thousands), so the distances, and the ranking, do not depend on
+# how many queries a chunk holds; 64 is also what every earlier version used.
+DISTANCE_ROWS = 64
+RANKING_MEMORY = 256 * 2**20  # bytes of per-chunk work arrays: chunk x N x about 32 bytes
+
 
 def distances(queries: torch.Tensor, database: torch.Tensor, metric: str = "euclidean") -> torch.Tensor:
     """(Q, N) distances: Euclidean, or cosine distance 1 - cos."""
@@ -145,35 +191,146 @@ def nearest(queries: torch.Tensor, database: torch.Tensor, k: int, metric: str =
                       for q in queries.split(chunk)])
 
 
-def evaluate_retrieval(queries: torch.Tensor, query_labels: torch.Tensor, database: torch.Tensor,
-                       database_labels: torch.Tensor, *, metric: str = "euclidean", ks=(1, 5, 10),
-                       chunk: int = 64) -> dict:
+class Database:
+    """A database made ready for many distance calls: what :func:`distances` recomputes for every
+    chunk of queries, computed once, and distances bit for bit those of :func:`distances` against the
+    whole database (the tests check it). For Euclidean distance that is torch.cdist's padded
+    [y, 1, |y|^2], which it multiplies with [-2x, |x|^2, 1] when either side has more than 25 rows
+    (at most 25 items are kept as they are, for :func:`distances`); for cosine, the normalised rows.
+    """
+
+    def __init__(self, batches, n: int, dims: int, metric: str = "euclidean"):
+        """From (B, D) float batches of the n items in order; never holds the items twice."""
+        if metric not in METRICS:
+            raise ConfigError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
+        self.metric, self.n, self.dims = metric, n, dims
+        self.small, self.ready, start = n <= 25, None, 0
+        for b in batches:
+            if self.ready is None:
+                width = dims + 2 if metric == "euclidean" and not self.small else dims
+                self.ready = torch.empty(n, width, dtype=b.dtype)
+            rows = self.ready[start:start + len(b)]
+            if self.small:
+                rows.copy_(b)
+            elif metric == "euclidean":
+                rows[:, :dims], rows[:, dims], rows[:, dims + 1] = b, 1, b.pow(2).sum(-1)
+            else:
+                rows.copy_(l2_normalise(b))
+            start += len(b)
+        if start != n or self.ready is None:
+            raise DataError(f"the database has {start} items, expected {n}")
+
+    @classmethod
+    def of(cls, database: torch.Tensor, metric: str = "euclidean") -> Database:
+        return cls(database.split(4096), len(database), database.shape[1], metric)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def distances(self, queries: torch.Tensor) -> torch.Tensor:
+        """(q, n) distances, :data:`DISTANCE_ROWS` queries per product."""
+        blocks = queries.split(DISTANCE_ROWS)
+        if self.small or self.metric == "cosine":
+            metric, ready = self.metric, self.ready
+            return torch.cat([distances(x, ready, metric) if self.small else 1 - l2_normalise(x) @ ready.T
+                              for x in blocks])
+        out = torch.empty(len(queries), self.n, dtype=self.ready.dtype)
+        for row, x in zip(range(0, len(queries), DISTANCE_ROWS), blocks):
+            norm = x.pow(2).sum(-1, keepdim=True)  # (r, 1)
+            torch.matmul(torch.cat([x.mul(-2), norm, torch.ones_like(norm)], -1), self.ready.T,
+                         out=out[row:row + len(x)])
+        return out.clamp_min_(0).sqrt_()  # elementwise: once for the chunk, not once per product
+
+
+def stable_order(dist: torch.Tensor, threads: int | None = None) -> np.ndarray:
+    """(q, N) database indices nearest first, equal distances in database order: a stable argsort.
+
+    float32 distances are sorted as unique int64 keys, the distance's bits (made monotone) above the
+    database index, which NumPy's vectorised sort orders several times faster than a stable sort,
+    on ``threads`` threads (default torch's); other dtypes take NumPy's stable argsort.
+    """
+    if dist.dtype != torch.float32:
+        return np.argsort(dist.numpy(), axis=1, kind="stable")
+    q, n = dist.shape
+    d = dist.numpy()
+    if not d.min() > 0:  # zeros, negative distances or NaN: the careful way
+        d = d + np.float32(0)  # a copy, where -0.0 is 0.0: a sort holds the two equal
+        d[np.isnan(d)] = np.nan  # one NaN bit pattern, which orders after +inf, as torch.sort places NaN
+        bits = d.view(np.int32)
+        np.bitwise_xor(bits, 0x7FFFFFFF, out=bits, where=bits < 0)  # negative floats order backwards as ints
+    keys = np.empty((q, n, 2), dtype=np.int32)  # (q, N, 2): the two halves of an int64
+    high, low = (1, 0) if sys.byteorder == "little" else (0, 1)
+    keys[..., high] = d.view(np.int32)  # positive floats order as their bits do
+    keys[..., low] = np.arange(n, dtype=np.int32)
+    keys = keys.view(np.int64)[..., 0]  # (q, N)
+    parts = np.array_split(keys, max(1, min(threads or torch.get_num_threads(), q)))
+    if len(parts) == 1:
+        keys.sort(axis=1)
+    else:
+        with ThreadPoolExecutor(len(parts)) as pool:  # NumPy sorts without the GIL
+            list(pool.map(lambda p: p.sort(axis=1), parts))
+    return keys.view(np.int32).reshape(q, n, 2)[..., low]  # the database indices, now in key order
+
+
+def relevant_ranks(order: np.ndarray, query_labels: np.ndarray, database_labels: np.ndarray):
+    """For each class among the queries: (rows of its queries, (n, R) 1-based ranks of the R database
+    items of that class, in increasing order)."""
+    table = database_labels.astype(np.min_scalar_type(-max(database_labels.max(), query_labels.max()) - 1))
+    relevant = table[order] == query_labels.astype(table.dtype)[:, None]  # (q, N) True where the class matches
+    counts = np.bincount(database_labels, minlength=int(query_labels.max()) + 1)
+    for c in np.unique(query_labels):
+        rows = np.flatnonzero(query_labels == c)
+        yield rows, np.nonzero(relevant[rows])[1].reshape(len(rows), counts[c]) + 1
+
+
+def evaluate_retrieval(queries: torch.Tensor, query_labels: torch.Tensor, database, database_labels: torch.Tensor,
+                       *, metric: str = "euclidean", ks=(1, 5, 10), chunk: int | None = None,
+                       progress: bool | None = None, desc: str = "ranking") -> dict:
     """mAP, precision@k, and the chance mAP (fraction of relevant items), over every query.
 
-    Queries are processed in chunks, so memory is ``chunk x N`` whatever the number of queries.
+    The ranking is exact: the order a stable sort of each query's distances gives, ties in database
+    order. Only the ranks of the relevant items are kept: AP = mean over them of (hits so far / rank),
+    summed in rank order, and precision@k = relevant items of rank <= k, over k. Queries go ``chunk``
+    at a time (default: as many as fit in :data:`RANKING_MEMORY`), so memory does not grow with the
+    number of queries. ``database`` is an (N, D) tensor or a :class:`Database` made for ``metric``.
     """
-    if len(database) == 0 or len(queries) == 0:
+    n = len(database_labels)
+    if n == 0 or len(queries) == 0:
         raise DataError("retrieval needs at least one query and one database item")
-    if queries.shape[1] != database.shape[1]:
-        raise DataError(f"query features have {queries.shape[1]} dimensions, database {database.shape[1]}; "
+    if metric not in METRICS:
+        raise ConfigError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
+    database = Database.of(database, metric) if torch.is_tensor(database) else database
+    if len(database) != n or database.metric != metric:
+        raise ConfigError(f"the database holds {len(database)} items for {database.metric} distance; "
+                          f"expected {n} labels and {metric}")
+    if queries.shape[1] != database.dims:
+        raise DataError(f"query features have {queries.shape[1]} dimensions, database {database.dims}; "
                         "compute both with the same layer")
-    ks = sorted({min(int(k), len(database)) for k in ks})
-    ap, hits_at = [], {k: [] for k in ks}
-    positions = torch.arange(1, len(database) + 1, dtype=torch.float64)
-    for q, ql in zip(queries.split(chunk), query_labels.split(chunk)):
-        order = distances(q, database, metric).sort(dim=1, stable=True).indices  # (q, N) nearest first
-        relevant = (database_labels[order] == ql[:, None]).double()  # (q, N) 1 where the class matches
-        precision = relevant.cumsum(1) / positions  # precision at every rank
-        n_rel = relevant.sum(1)
-        ap.append(torch.where(n_rel > 0, (precision * relevant).sum(1) / n_rel.clamp_min(1), 0.0))
-        for k in ks:
-            hits_at[k].append(relevant[:, :k].mean(1))
-    ap = torch.cat(ap)
+    from cnnkit.train.engine import bar
+
+    ks = sorted({min(int(k), n) for k in ks})
+    if chunk is None:  # a multiple of DISTANCE_ROWS, so the distance calls are those of any other chunk
+        chunk = max(1, RANKING_MEMORY // (32 * n) // DISTANCE_ROWS) * DISTANCE_ROWS
+    db_labels = database_labels.numpy()
+    ap = np.zeros(len(queries))
+    at_k = {k: np.zeros(len(queries)) for k in ks}  # precision@k of every query
+    starts = range(0, len(queries), chunk)
+    for start in bar(starts, progress, desc, total=len(starts)):
+        q, ql = queries[start:start + chunk], query_labels[start:start + chunk].numpy()
+        order = stable_order(database.distances(q))  # (q, N) nearest first
+        for rows, ranks in relevant_ranks(order, ql, db_labels):
+            if ranks.shape[1]:  # a class absent from the database: AP and precision stay 0
+                precision = np.arange(1, ranks.shape[1] + 1) / ranks  # at the rank of each relevant item
+                ap[start + rows] = np.cumsum(precision, axis=1)[:, -1] / ranks.shape[1]
+            for k in ks:
+                at_k[k][start + rows] = (ranks <= k).sum(1) / k
     counts = torch.bincount(database_labels, minlength=int(max(database_labels.max(), query_labels.max())) + 1)
-    chance = counts[query_labels].double() / len(database)
+    chance = counts[query_labels].double() / n
+    ap = torch.from_numpy(ap)
+    precision = {k: torch.from_numpy(v) for k, v in at_k.items()}
     return {"map": float(ap.mean()), "chance_map": float(chance.mean()),
-            **{f"precision@{k}": float(torch.cat(v).mean()) for k, v in hits_at.items()},
-            "queries": len(queries), "database": len(database), "ap": ap}
+            **{f"precision@{k}": float(v.mean()) for k, v in precision.items()},
+            "queries": len(queries), "database": n, "ap": ap, "precision": precision}
 
 
 # --------------------------------------------------------------------------- the picture
@@ -241,13 +398,49 @@ def export_features(checkpoint, out: str | Path, *, layer: str | None = None, sp
     return {"files": [str(p) for p in written], "shape": list(features.shape), "layer": layer, "l2": l2}
 
 
+def _normalised(x: torch.Tensor, norm: str) -> torch.Tensor:
+    return l2_normalise(x) if norm == "l2" else x
+
+
+def query_subset(total: int, n: int | None) -> torch.Tensor | None:
+    """Indices, in increasing order, of a random subset of ``n`` of ``total`` queries drawn with
+    :data:`QUERY_SEED` (the same subset in every run), or None for all of them."""
+    if n is not None and n < 1:
+        raise ConfigError(f"the number of queries must be at least 1, got {n}")
+    if n is None or n >= total:
+        return None
+    return torch.randperm(total, generator=torch.Generator().manual_seed(QUERY_SEED))[:n].sort().values
+
+
+def _subset(dataset, index: torch.Tensor | None):
+    if index is None:
+        return dataset
+    return dataset.subset(index) if isinstance(dataset, ArrayDataset) else Subset(dataset, index.tolist())
+
+
+def pixel_baseline_skipped(queries: int, database: int, pixels: int) -> str | None:
+    """Why the pixel baseline is not run for this size (in words), or None when it is."""
+    work, values = queries * database * pixels, (queries + database) * pixels
+    if work <= PIXEL_BASELINE_LIMIT and values <= PIXEL_VALUES_LIMIT:
+        return None
+    if values > PIXEL_VALUES_LIMIT:
+        return (f"{queries + database} images x {pixels} pixels would hold {4 * values / 2**30:.1f} GiB, "
+                f"over the limit of {4 * PIXEL_VALUES_LIMIT / 2**30:.1f} GiB")
+    return (f"{queries} queries x {database} images x {pixels} pixels = {work:.1e} multiply-adds per ranking, "
+            f"over the limit of {PIXEL_BASELINE_LIMIT:.0e}; pass --queries "
+            f"{PIXEL_BASELINE_LIMIT // (database * pixels)} or fewer to include it")
+
+
 def run_retrieval(checkpoint, *, layer: str | None = None, metric: str = "euclidean", ks=(1, 5, 10),
                   data: str | None = None, images: list[Path] | None = None, out: str | Path | None = None,
-                  normalise: str = "l2", show: int = 8, show_k: int = 8, device: str = "auto") -> dict:
+                  normalise: str = "l2", show: int = 8, show_k: int = 8, queries: int | None = None,
+                  device: str = "auto", progress: bool | None = None) -> dict:
     """Queries (held-out split, or image files) against the training split as database.
 
     Every labelled run reports mAP and precision@k for raw and for L2-normalised features side by
-    side; the neighbours picture uses ``normalise`` ("l2" or "none").
+    side, and the same for raw pixels while that stays small enough (see :func:`pixel_baseline_skipped`);
+    the neighbours picture uses ``normalise`` ("l2" or "none"). ``queries`` keeps a seeded random
+    subset of that many queries (default all).
     """
     from cnnkit.train.evaluation import expand_image_paths
 
@@ -259,43 +452,52 @@ def run_retrieval(checkpoint, *, layer: str | None = None, metric: str = "euclid
         raise ConfigError(f"every k of precision@k must be at least 1, got {list(ks)}")
     ckpt, model, layer = _prepare(checkpoint, device, layer)
     splits = checkpoint_splits(ckpt, data)
-    database = compute_features(model, splits.train, layer, mean=ckpt.mean_image)
-    db_labels = labels_of(splits.train)
     if images:
         files = expand_image_paths(images)
-        query_images = load_images(files, ckpt)
-        queries, q_labels = compute_features(model, query_images, layer, mean=ckpt.mean_image), None
+        available, index = len(files), query_subset(len(files), queries)
+        files = files if index is None else [files[int(i)] for i in index]
+        query_set, q_labels = load_images(files, ckpt), None
     else:
-        queries, q_labels = compute_features(model, splits.val, layer, mean=ckpt.mean_image), labels_of(splits.val)
+        index = query_subset(len(splits.val), queries)
+        query_set, available = _subset(splits.val, index), len(splits.val)
+        q_labels = labels_of(query_set)
+    features = partial(compute_features, model, layer=layer, mean=ckpt.mean_image, progress=progress)
+    database = features(splits.train, desc="database features")
+    db_labels = labels_of(splits.train)
+    q_features = features(query_set, desc="query features")
     result = {"checkpoint": str(checkpoint), "layer": layer, "metric": metric, "dimensions": database.shape[1],
-              "queries": len(queries), "database": len(database), "rows": []}
+              "queries": len(q_features), "queries_available": available, "query_seed": QUERY_SEED,
+              "database": len(database), "rows": []}
     if q_labels is not None:
-        sources = [(layer, (queries, database))]
-        values = (len(splits.train) + len(splits.val)) * ckpt.mean_image.numel()
-        if values <= PIXEL_BASELINE_LIMIT:
-            # The baseline the lecture's claim is about: the same ranking on raw (mean-subtracted) pixels.
-            sources.append(("pixels", [torch.cat([(x - ckpt.mean_image).flatten(1)
-                                                  for x, _ in DataLoader(d, batch_size=512)])
-                                       for d in (splits.val, splits.train)]))
+        runs = [(layer, norm, _normalised(q_features, norm), _normalised(database, norm)) for norm in ("none", "l2")]
+        skipped = pixel_baseline_skipped(len(query_set), len(splits.train), ckpt.mean_image.numel())
+        if skipped is None:
+            # The baseline the lecture's claim is about: the same ranking on raw (mean-subtracted) pixels. The
+            # database's pixels go straight into the form the distance products use, one normalisation at a time.
+            def pixels(dataset, norm):  # (B, C*H*W) batches
+                return (_normalised((x - ckpt.mean_image).flatten(1), norm) for x in image_batches(dataset, 1024))
+
+            size = ckpt.mean_image.numel()
+            runs += [("pixels", norm, torch.cat(list(pixels(query_set, norm))),
+                      partial(Database, pixels(splits.train, norm), len(splits.train), size, metric))
+                     for norm in ("none", "l2")]
         else:
-            log.info("pixel baseline skipped: %d values would not fit comfortably in memory", values)
-        for source, (q, db) in sources:
-            for norm in ("none", "l2"):
-                f = l2_normalise if norm == "l2" else (lambda x: x)
-                scores = evaluate_retrieval(f(q), q_labels, f(db), db_labels, metric=metric, ks=ks)
-                scores.pop("ap")
-                result["rows"].append({"features": source, "normalisation": norm, **scores})
-                log.debug("%s, %s features, %s: mAP %.4f (chance %.4f), %s", source, norm, metric, scores["map"],
-                         scores["chance_map"],
-                         ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if k.startswith("precision")))
+            result["pixels_skipped"] = skipped
+        for source, norm, q, db in runs:
+            scores = evaluate_retrieval(q, q_labels, db if torch.is_tensor(db) else db(), db_labels, metric=metric,
+                                        ks=ks, progress=progress, desc=f"ranking {source} {norm}")
+            scores.pop("ap"), scores.pop("precision")
+            result["rows"].append({"features": source, "normalisation": norm, **scores})
+            log.debug("%s, %s features, %s: mAP %.4f (chance %.4f), %s", source, norm, metric, scores["map"],
+                      scores["chance_map"],
+                      ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if k.startswith("precision")))
     if out is not None:
         from cnnkit.utils import ensure_writable_dir, write_json_atomic
 
         out = ensure_writable_dir(out)
-        f = l2_normalise if normalise == "l2" else (lambda x: x)
-        shown = torch.linspace(0, len(queries) - 1, min(show, len(queries))).round().long().unique()
-        idx = nearest(f(queries[shown]), f(database), show_k, metric)  # (S, k)
-        q_imgs = query_images[shown] if images else torch.stack([splits.val[int(i)][0] for i in shown])
+        shown = torch.linspace(0, len(q_features) - 1, min(show, len(q_features))).round().long().unique()
+        idx = nearest(_normalised(q_features[shown], normalise), _normalised(database, normalise), show_k, metric)
+        q_imgs = query_set[shown] if images else torch.stack([query_set[int(i)][0] for i in shown])
         n_imgs = torch.stack([torch.stack([splits.train[int(j)][0] for j in row]) for row in idx])  # (S, k, C, H, W)
         match = None if q_labels is None else db_labels[idx] == q_labels[shown][:, None]
         png = plot_neighbours(out / "neighbours.png", q_imgs, n_imgs, match)

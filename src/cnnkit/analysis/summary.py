@@ -46,7 +46,7 @@ from cnnkit.errors import ConfigError
 log = logging.getLogger(__name__)
 
 # Shape-preserving modules without weights that the compact table leaves out (activations, reshapes).
-ELEMENTWISE = ("ReLU", "ReLU6", "LeakyReLU", "ELU", "GELU", "SiLU", "Tanh", "Sigmoid", "Softmax",
+ELEMENTWISE = ("ReLU", "ReLU6", "ScaledTanh", "LeakyReLU", "ELU", "GELU", "SiLU", "Tanh", "Sigmoid", "Softmax",
                "LogSoftmax", "Hardtanh", "Softplus", "Flatten", "Unflatten", "Identity")
 
 

@@ -26,6 +26,7 @@ COMMAND_MODULES = [
     "cnnkit.cli.segment",
     "cnnkit.cli.dense",
     "cnnkit.cli.studies",
+    "cnnkit.cli.lecture",
 ]
 
 

@@ -34,6 +34,12 @@ pairs with 21_manual1.gif). An image without its mask (or a mask without its ima
 --skip-unpaired skipped and counted. Masks: class-index PNGs, binary 0/255 masks, or colour masks with
 --palette. Held out: --val-data DIR (same subfolders) or a seeded --val-fraction of the images.
 
+Volumes (--volume): each entry of DIR/images and DIR/masks is a multi-page TIFF (one page per Z slice) or a
+subfolder of 2D slices (natural name order: slice2 before slice10), paired by name. --volume 3d trains a 3D
+patch net (default segment3d) on blocks of --crop voxels a side; --volume 2.5d=K trains a 2D patch net on each
+slice with K neighbouring slices a side as channels (edge slices replicated; 2.5d means K = 1). Geometric
+augmentation and test-time averaging act in the slice plane only.
+
 After training, for two classes, the probability threshold with the best F1 on the held-out images is
 stored in best.safetensors; `cnnkit segment predict` uses it.
 
@@ -43,6 +49,8 @@ Examples:
       --model liskowski --option width=0.25 --out runs/drive
   cnnkit segment train --data em --model ciresan_n1 --augment dihedral,elastic,intensity=0.1
   cnnkit segment train --model mynets.retina:build --data retina       # your own patch net
+  cnnkit segment train --data em3d --volume 3d --out runs/em3d        # volumes, 3D patch net segment3d
+  cnnkit segment train --data em3d --volume 2.5d=2 --model segment     # 2D net, 2 slices a side as channels
   torchrun --nproc_per_node=2 -m cnnkit segment train --data em --out runs/em
 """
 
@@ -96,6 +104,10 @@ def add_train_parser(segsub) -> argparse.ArgumentParser:
                    help="resize images whose size differs from their mask's to the mask's")
     g.add_argument("--scale", type=positive_float, default=None,
                    help="resize images and masks by this factor when loading (default: 1)")
+    g.add_argument("--volume", default=None, metavar="3d|2.5d[=K]",
+                   help="images are volumes (multi-page TIFFs or folders of slices): 3d = a 3D patch net on voxel "
+                   "blocks; 2.5d=K = a 2D patch net on each slice with K neighbouring slices a side as channels "
+                   f"(2.5d: K = 1); none = 2D images (default: {d.volume})")
     g.add_argument("--generated-count", type=positive_int, default=None,
                    help=f"images of the generated default (default: {d.generated_count})")
     g = p.add_argument_group("preprocessing and augmentation (the same preprocessing runs at prediction)")
@@ -110,16 +122,16 @@ def add_train_parser(segsub) -> argparse.ArgumentParser:
                    f"intensity[=S], flip (left-right), or none (default: {d.augment})")
     g = p.add_argument_group("model and loss")
     g.add_argument("--model", default=None, metavar="NAME|MODULE:FUNCTION",
-                   help="a patch net of the registry (segment, toy, descriptor, liskowski, ciresan_n1..n4; see "
-                   "`cnnkit models`) or your own package.module:function returning (module, patch_size) "
-                   f"(default: {d.model})")
+                   help="a patch net of the registry (segment, toy, descriptor, liskowski, ciresan_n1..n4, and "
+                   "segment3d for --volume 3d; see `cnnkit models`) or your own package.module:function returning "
+                   f"(module, patch_size) (default: {d.model}; segment3d with --volume 3d)")
     g.add_argument("--option", dest="model_options", type=_option, action="append", default=None,
                    metavar="KEY=VALUE", help="an option of the model's builder, e.g. width=0.25 or patch=32 "
                    "(repeatable)")
     g.add_argument("--border", choices=["reflect", "replicate", "zeros"], default=None,
                    help=f"how images are extended so that border pixels have a patch (default: {d.border})")
     g.add_argument("--crop", type=positive_int, default=None,
-                   help=f"output pixels per side of a training crop (default: {d.crop})")
+                   help=f"output pixels (voxels in 3D) per side of a training crop (default: {d.crop})")
     g.add_argument("--crops-per-image", type=count, default=None,
                    help="crops drawn from each training image per epoch; 0 = as many as cover the mean image's "
                    f"area once (default: {d.crops_per_image})")
@@ -164,7 +176,10 @@ def add_train_parser(segsub) -> argparse.ArgumentParser:
                    help="layouts of the dense layers: timed per layer on this machine (auto), or fixed; fixed "
                    f"layouts make two fresh runs repeat bit for bit (default: {d.dense_mode})")
     g.add_argument("--max-memory", dest="max_memory_mb", type=positive_float, default=None, metavar="MB",
-                   help="tile held-out images to stay near this working memory (default: no tiling)")
+                   help="upper bound on each dense pass's peak memory above what the process already holds (resident "
+                   "memory on CPU, allocated memory on CUDA): images are cut into the fewest tiles that fit, with "
+                   "identical results (default: the output and padded image plus 512 MB for tiles, or half the free "
+                   "memory if less; too small a value is an error naming the minimum)")
     g.add_argument("--workers", type=count, default=None, help=f"DataLoader worker processes (default: {d.workers})")
     g.add_argument("--threads", type=positive_int, default=None, metavar="N",
                    help="intra-op CPU threads (default: one per core)")

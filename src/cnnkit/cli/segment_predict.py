@@ -72,7 +72,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
                    help="`cnnkit segment train` checkpoints; several are averaged (same classes)")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
-                   help="average over the 8 flips and quarter turns (8 dense passes per image)")
+                   help="average over the flips and quarter turns training used (up to 8 dense passes per image; "
+                   "for volumes those of the slice plane, depth is never flipped)")
     p.add_argument("--threshold", type=_threshold, default="auto", metavar="auto|argmax|FLOAT",
                    help="two classes: predict the positive class when its probability is >= this; auto = "
                    "the checkpoint's tuned threshold")
@@ -80,7 +81,10 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="allow a checkpoint to build its net by importing this code (repeatable; default: "
                    "none, such checkpoints are refused)")
     p.add_argument("--max-memory", type=positive_float, default=None, metavar="MB",
-                   help="tile each dense pass to stay near this many MB (default: no tiling)")
+                   help="upper bound on each dense pass's peak memory above what the process already holds (resident "
+                   "memory on CPU, allocated memory on CUDA): images are cut into the fewest tiles that fit, with "
+                   "identical results (default: the output and padded image plus 512 MB for tiles, or half the free "
+                   "memory if less; too small a value is an error naming the minimum)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--threads", type=positive_int, default=None, metavar="N",
                    help="intra-op CPU threads (default: one per core)")
@@ -92,7 +96,10 @@ def add_predict_parser(segsub: argparse._SubParsersAction) -> argparse.ArgumentP
                           description="Write <stem>_labels.png (class index), <stem>_prob.png (16-bit "
                           "probability of the positive class; <stem>_prob_<k>.png per class for more than two) "
                           "and <stem>_overlay.png per image. Images whose outputs all exist are skipped, so an "
-                          "interrupted run resumes. Under torchrun each process labels its share of the images.")
+                          "interrupted run resumes. Under torchrun each process labels its share of the images. "
+                          "A checkpoint trained with --volume labels volumes: --images takes multi-page TIFFs and "
+                          "folders of volumes (TIFFs and subfolders of slices), and <stem>_labels.tif and "
+                          "<stem>_prob.tif are multi-page TIFFs, one page per slice (no overlay).")
     _common(p)
     p.add_argument("--images", nargs="+", required=True, metavar="PATH", help="image files or folders")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
@@ -109,7 +116,8 @@ def add_eval_parser(segsub: argparse._SubParsersAction) -> argparse.ArgumentPars
                           formatter_class=_Formatter,
                           description="Per-class IoU, precision, recall and F1, mean IoU, pixel accuracy, and "
                           "for two classes F1 and ROC AUC of the positive class, over the labelled pixels "
-                          "inside the valid regions.")
+                          "inside the valid regions. With a checkpoint trained with --volume, the subfolders hold "
+                          "volumes (multi-page TIFFs or subfolders of slices) and every labelled voxel counts.")
     _common(p)
     p.add_argument("--data", required=True, metavar="DIR", help="folder with the image and mask subfolders")
     p.add_argument("--images", default="images", help="image subfolder of --data")
@@ -149,6 +157,8 @@ def run_predict(args) -> int:
     if world > 1 and args.device == "auto" and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     segmenter = _segmenter(args, device)
+    if segmenter.volume is not None:
+        return _predict_volumes(args, segmenter, rank, world)
     files = image_files(args.images)
     valid = None
     if args.valid:
@@ -163,6 +173,39 @@ def run_predict(args) -> int:
     return 0
 
 
+def _no_valid(args, segmenter) -> None:
+    if args.valid:
+        raise ConfigError(f"--valid: {segmenter.members[0].source} labels volumes, which have no valid-region "
+                          "masks; drop --valid")
+
+
+def _predict_volumes(args, segmenter, rank: int, world: int) -> int:
+    from cnnkit.segmentation.predict import predict_volumes
+    from cnnkit.segmentation.volume import volume_items
+
+    _no_valid(args, segmenter)
+    volumes = volume_items(args.images)
+    with output_folder(args.out, keep_complete=True):
+        summary = predict_volumes(segmenter, volumes, args.out, rank=rank, world_size=world, overwrite=args.overwrite)
+    who = f"process {rank} of {world}: " if world > 1 else ""
+    skipped = f"; skipped {summary.skipped} whose outputs exist" if summary.skipped else ""
+    print(f"{who}wrote the label volumes of {summary.written} volumes to {args.out}{skipped}")
+    return 0
+
+
+def _eval_volumes(args, segmenter) -> dict:
+    from cnnkit.segmentation.data import pair_files
+    from cnnkit.segmentation.predict import evaluate_volumes
+    from cnnkit.segmentation.volume import volume_paths
+
+    _no_valid(args, segmenter)
+    root = Path(args.data)
+    volumes = volume_paths(root / args.images, "image")
+    pairs, _ = pair_files(volumes, volume_paths(root / args.masks, "mask"), "mask volume")
+    return evaluate_volumes(segmenter, [v for v, _ in pairs], [m for _, m in pairs], positive=args.positive_class,
+                            mask_mode=args.mask_mode, palette=args.palette, ignore_value=args.ignore_value)
+
+
 def run_eval(args) -> int:
     from cnnkit.segmentation.data import VALID_KEY_SUFFIXES, pair_files
     from cnnkit.segmentation.predict import evaluate_files, image_files
@@ -171,16 +214,19 @@ def run_eval(args) -> int:
         raise ConfigError(f"--out {args.out} is a folder; give the path of a JSON file to write the scores to")
     apply_threads(args)
     segmenter = _segmenter(args, resolve_device(args.device))
-    root = Path(args.data)
-    files = image_files([root / args.images])
-    pairs, _ = pair_files(files, image_files([root / args.masks]), "mask")
-    valid = None
-    if args.valid:
-        valid_pairs, _ = pair_files(files, image_files([root / args.valid]), "valid-region mask",
-                                    suffixes=VALID_KEY_SUFFIXES)
-        valid = [v for _, v in valid_pairs]
-    metrics = evaluate_files(segmenter, files, [m for _, m in pairs], valid, positive=args.positive_class,
-                             mask_mode=args.mask_mode, palette=args.palette, ignore_value=args.ignore_value)
+    if segmenter.volume is not None:
+        metrics = _eval_volumes(args, segmenter)
+    else:
+        root = Path(args.data)
+        files = image_files([root / args.images])
+        pairs, _ = pair_files(files, image_files([root / args.masks]), "mask")
+        valid = None
+        if args.valid:
+            valid_pairs, _ = pair_files(files, image_files([root / args.valid]), "valid-region mask",
+                                        suffixes=VALID_KEY_SUFFIXES)
+            valid = [v for _, v in valid_pairs]
+        metrics = evaluate_files(segmenter, files, [m for _, m in pairs], valid, positive=args.positive_class,
+                                 mask_mode=args.mask_mode, palette=args.palette, ignore_value=args.ignore_value)
     print(format_scores(metrics))
     print(format_table(metrics))
     if args.out:
@@ -197,8 +243,9 @@ def format_scores(m: dict) -> str:
     """One line: the headline scores and what they were measured on."""
     keys = [k for k in ("pixel_accuracy", "mean_iou", "f1", "roc_auc") if k in m]
     threshold = "argmax" if m["threshold"] is None else f"threshold {m['threshold']:.4g}"
+    images, pixels = ("volumes", "voxels") if m.get("volumes") else ("images", "pixels")
     return ("  ".join(f"{k} {_num(m[k])}" for k in keys)
-            + f"  ({m['images']} images, {m['pixels']} pixels, {threshold}, TTA {'on' if m['tta'] else 'off'})")
+            + f"  ({m['images']} {images}, {m['pixels']} {pixels}, {threshold}, TTA {'on' if m['tta'] else 'off'})")
 
 
 def format_table(m: dict) -> str:

@@ -142,11 +142,13 @@ def run_retrieve(args: argparse.Namespace) -> int:
     with output_folder(args.out, keep_complete=True) if args.out else contextlib.nullcontext():
         result = run_retrieval(args.checkpoint, layer=args.layer, metric=args.metric, ks=args.k, data=args.data,
                                images=args.images, out=args.out, normalise=args.normalise, show=args.show,
-                               show_k=args.show_k, device=args.device)
+                               show_k=args.show_k, queries=args.queries, device=args.device)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"queries {result['queries']} against a database of {result['database']}, layer {result['layer']} "
+    subset = (f" (a random subset of {result['queries_available']}, seed {result['query_seed']})"
+              if result["queries"] < result["queries_available"] else "")
+    print(f"queries {result['queries']}{subset} against a database of {result['database']}, layer {result['layer']} "
           f"({result['dimensions']} dimensions), {result['metric']} distance")
     if result["rows"]:
         ks = [k for k in result["rows"][0] if k.startswith("precision@")]
@@ -156,6 +158,8 @@ def run_retrieve(args: argparse.Namespace) -> int:
             print(f"{row['features']:<10} {row['normalisation']:<10} {row['map']:7.4f} "
                   + " ".join(f"{row[k]:7.4f}" for k in ks))
         print(f"chance mAP {result['rows'][0]['chance_map']:.4f}")
+    if "pixels_skipped" in result:
+        print(f"pixel baseline skipped: {result['pixels_skipped']}")
     if "neighbours_png" in result:
         print(f"wrote {result['neighbours_png']} (queries in blue; neighbours green = same class, red = other)")
     return 0
@@ -179,8 +183,9 @@ def _add_features(sub) -> None:
     p = sub.add_parser("retrieve", help="image retrieval with a layer's features: mAP, precision@k, neighbours",
                        description="Rank the training images (database) by feature distance to each held-out "
                        "image (query); report mean average precision and precision@k against the class labels, "
-                       "for raw and L2-normalised features and for raw pixels, and draw queries with their "
-                       "nearest neighbours.")
+                       "for raw and L2-normalised features and for raw pixels (skipped, with the reason, "
+                       "when that would take minutes), and draw queries with their nearest neighbours. The "
+                       "ranking is exact and streams over chunks of queries, with progress bars on a terminal.")
     p.add_argument("checkpoint", type=Path, help="a .safetensors checkpoint")
     p.add_argument("--layer", help="layer name (default: the top hidden layer)")
     p.add_argument("--metric", default="euclidean", choices=["euclidean", "cosine"],
@@ -191,6 +196,8 @@ def _add_features(sub) -> None:
     p.add_argument("--normalise", default="l2", choices=["l2", "none"], help="features for the picture (default l2)")
     p.add_argument("--show", type=positive_int, default=8, help="queries in the picture (default 8)")
     p.add_argument("--show-k", type=positive_int, default=8, help="neighbours per query in the picture (default 8)")
+    p.add_argument("--queries", type=positive_int, metavar="N",
+                   help="use a random subset of N queries, the same in every run (default: all)")
     p.add_argument("--out", type=Path, default=Path("runs/retrieve"),
                    help="folder for neighbours.png and retrieval.json (default runs/retrieve)")
     p.add_argument("--device", default="auto")

@@ -1,5 +1,5 @@
 """Write a dense net as ONNX: ``(N, C, H, W) -> (N, K, H, W)`` with N, H and W dynamic (1D nets:
-``(N, C, L) -> (N, K, L)``, N and L dynamic).
+``(N, C, L) -> (N, K, L)``, N and L dynamic; 3D nets: ``(N, C, D, H, W) -> (N, K, D, H, W)``, all dynamic).
 
     export_onnx(densify(model, 65, border="reflect"), "dense.onnx")
 
@@ -155,7 +155,7 @@ def export_onnx(dense: nn.Module, path: str | Path, *, sample_size=None, opset: 
     saved = [(s.chooser, s.chosen) for s in steps]
     modes = {m: m.training for m in dense.modules()}
     pinned = LayoutChooser("dilated")
-    names = ("height", "width") if nd == 2 else ("length",)
+    names = {1: ("length",), 2: ("height", "width"), 3: ("depth", "height", "width")}[nd]
     axes = {0: "batch", **{2 + i: name for i, name in enumerate(names)}}  # dynamic input/output axes
     path = Path(path)
     try:

@@ -286,7 +286,7 @@ class AvgPoolKernel(SpatialKernel):
         nd = t.dim() - 2
         if all(x == 1 for x in r) and abs(self.scale * prod(self.kernel) - 1) < 1e-12:
             return _avg_pool(nd)(t, self.kernel, 1)
-        c = t.shape[1]
+        c = int(t.shape[1])  # a constant, also when traced for ONNX (whose Conv needs a known kernel shape)
         w = torch.full((c, 1, *self.kernel), self.scale, dtype=t.dtype, device=t.device)
         if exact_conv(t):
             return conv_exact(t, w, None, r, c)

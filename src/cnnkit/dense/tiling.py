@@ -14,12 +14,12 @@ so tiling changes nothing but the peak memory.
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from cnnkit.dense.ops import preferred_format
 from cnnkit.errors import ConfigError
 
 BORDERS = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate"}
@@ -48,38 +48,30 @@ def pad_image(x: torch.Tensor, patch: Sequence[int], border: str = "zeros",
     return F.pad(x, spec, mode=BORDERS[border])
 
 
-def tile_side(max_memory: int, bytes_per_pixel: int, patch: Sequence[int], align: int) -> int:
-    """Largest square tile (a multiple of ``align``) whose haloed input fits ``max_memory``."""
-    halo = max(patch) - 1
-    side = int(math.floor((max_memory / bytes_per_pixel) ** (1 / len(patch)))) - halo
-    if side < 1:
-        need = bytes_per_pixel * (halo + 1) ** len(patch)
-        raise ConfigError(f"max_memory={max_memory} bytes cannot hold one tile with its {halo}-pixel halo "
-                          f"(needs at least {need} bytes); raise max_memory")
-    return side // align * align if side >= align else side
-
-
 def run_tiled(core: Callable[[torch.Tensor], torch.Tensor], xp: torch.Tensor, out_size: Sequence[int],
-              patch: Sequence[int], tile: Sequence[int]) -> torch.Tensor:
+              patch: Sequence[int], tile: Sequence[int], out: torch.Tensor | None = None) -> torch.Tensor:
     """Apply ``core`` (a dense net on padded input) tile by tile; ``xp`` is the padded image.
 
-    Every tile has the same shape (the padded image is extended with zeros at the end), so each
-    tile runs exactly the kernels the untiled image runs: results agree bit for bit.
+    Every tile has the same shape (a tile running past the end of the padded image is extended
+    with zeros), so each tile runs exactly the kernels the untiled image runs: results agree bit for
+    bit. Each tile's output is copied into ``out`` (N x K x *out_size; allocated at the first tile
+    when None): allocated before any tile, it is not left in the middle of freed tile maps.
     """
-    nd = len(out_size)
     counts = [-(-n // t) for n, t in zip(out_size, tile)]
-    need = [c * t + p - 1 for c, t, p in zip(counts, tile, patch)]
-    grow = [max(0, nn - n) for nn, n in zip(need, xp.shape[2:])]
-    if any(grow):
-        xp = F.pad(xp, [g for gr in reversed(grow) for g in (0, gr)])
-    out = None
     for idx in itertools.product(*(range(c) for c in counts)):
         starts = [i * t for i, t in zip(idx, tile)]
         region = (..., *(slice(s, s + t + p - 1) for s, t, p in zip(starts, tile, patch)))
-        y = core(xp[region])
+        part = xp[region]
+        short = [s + t + p - 1 - n for s, t, p, n in zip(starts, tile, patch, xp.shape[2:])]
+        if any(g > 0 for g in short):  # the last tiles run past the image: zeros, cropped below
+            part = F.pad(part, [g for gr in reversed(short) for g in (0, max(0, gr))])
+            part = part.contiguous(memory_format=preferred_format(part))
+        y = core(part)
         if out is None:
-            out = y.new_empty((y.shape[0], y.shape[1], *out_size))
+            out = torch.empty((y.shape[0], y.shape[1], *out_size), dtype=y.dtype, device=y.device,
+                              memory_format=preferred_format(y))
         keep = [min(t, n - s) for s, t, n in zip(starts, tile, out_size)]
         out[(..., *(slice(s, s + k) for s, k in zip(starts, keep)))] = y[(..., *(slice(0, k) for k in keep))]
-    assert out is not None and nd == len(tile)
+        del y, part
+    assert out is not None
     return out

@@ -12,6 +12,7 @@ from cnnkit.models import (  # noqa: F401
     deep_image,
     googlenet,
     lenet,
+    lenet1998,
     nin,
     overfeat,
     patch,

@@ -1,13 +1,16 @@
-"""LeNet-5: Y. LeCun, L. Bottou, Y. Bengio, P. Haffner, "Gradient-based learning applied to document
-recognition", Proc. IEEE 1998.
+"""LeNet-5, simplified: Y. LeCun, L. Bottou, Y. Bengio, P. Haffner, "Gradient-based learning applied to
+document recognition", Proc. IEEE 86(11), 1998, Sec. II-B and Fig. 2. The paper's own net, with
+every one of the details below, is ``lenet5_1998`` (lenet1998.py).
 
 32 x 32 input; C1 6@5x5 -> S2 -> C3 16@5x5 -> S4 -> C5 120@5x5 -> F6 84 -> output.
 Deviations from the paper, stated:
 - C3 connects to all 6 S2 maps (the paper's Table I connects each C3 map to a subset of them);
 - S2/S4 are plain 2x2 average pooling (the paper multiplies by a trainable coefficient and adds a bias);
-- tanh (the paper uses 1.7159 tanh(2x/3));
-- the output layer is linear (the paper uses Euclidean RBF units).
-With these, the parameter count is 61,706.
+- tanh (the paper uses 1.7159 tanh(2x/3), Sec. II-B and Appendix A);
+- the output layer is linear (the paper uses Euclidean RBF units with fixed parameters, eq. 7);
+- PyTorch's default initialisation (the paper's, Appendix A, is uniform in +-2.4 / fan-in);
+- an optional dropout before the output layer (``dropout``; the paper has none).
+With these, the parameter count is 61,706 (the paper's net: 60,000).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from cnnkit.models.registry import register_model
     pooling="floor",
     normalisation="none",
     reference_params=61_706,
-    notes="full C3, average-pool subsampling, tanh, linear output",
+    notes="simplified: full C3, average-pool subsampling, tanh, linear output (lenet5_1998 is the paper's)",
 )
 def lenet5(num_classes: int = 10, in_chans: int = 1, dropout: float = 0.0) -> ClassifierNet:
     features = nn.Sequential()

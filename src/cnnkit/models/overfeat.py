@@ -8,8 +8,11 @@ a sixth conv layer with stride 2 in conv1. Dropout 0.5 in the hidden FC layers.
 Map sizes as in the tables: fast 231 -> 56 -> 28 -> 24 -> 12 -> 12 -> 12 -> 12 -> 6;
 accurate 221 -> 108 -> 36 -> 30 -> 15 -> 15 -> 15 -> 15 -> 15 -> 5.
 Layer names follow the paper's layer numbers: fast conv1..conv5, fc6..fc8; accurate conv1..conv6,
-fc7..fc9. No deviations: 145,920,872 (fast) and 144,656,488 (accurate) parameters.
+fc7..fc9. 145,920,872 (fast) and 144,656,488 (accurate) parameters.
 The paper runs both fully convolutionally over larger images (``to_fully_convolutional``).
+
+Deviation, stated: weights use PyTorch's default initialisation, not the paper's (Sec. 3.1: random,
+mean 0, sigma 10^-2).
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ def _overfeat(table, fc, size: int, num_classes: int, in_chans: int, dropout: fl
 
 @register_model(
     "overfeat_fast", paper=PAPER, input_size=(3, 231, 231), pooling="floor", normalisation="none",
-    reference_params=145_920_872, notes="Table 1 of the paper; no deviations",
+    reference_params=145_920_872, notes="Table 1 of the paper; default PyTorch init",
 )
 def overfeat_fast(num_classes: int = 1000, in_chans: int = 3, dropout: float = 0.5) -> ClassifierNet:
     return _overfeat(FAST, FAST_FC, 231, num_classes, in_chans, dropout)
@@ -62,7 +65,7 @@ def overfeat_fast(num_classes: int = 1000, in_chans: int = 3, dropout: float = 0
 
 @register_model(
     "overfeat_accurate", paper=PAPER, input_size=(3, 221, 221), pooling="floor", normalisation="none",
-    reference_params=144_656_488, notes="Table 3 of the paper; layers conv1-6, fc7-9; no deviations",
+    reference_params=144_656_488, notes="Table 3 of the paper; layers conv1-6, fc7-9; default PyTorch init",
 )
 def overfeat_accurate(num_classes: int = 1000, in_chans: int = 3, dropout: float = 0.5) -> ClassifierNet:
     return _overfeat(ACCURATE, ACCURATE_FC, 221, num_classes, in_chans, dropout)

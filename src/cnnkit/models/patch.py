@@ -16,6 +16,9 @@ or a user's own net from ``package.module:function``.
 - ``segment``: our own small net for ``cnnkit segment`` (no paper): two 3x3 conv + ReLU pairs and a
   2x2 max-pool, twice, then FC 4w, ReLU, dropout 0.25, FC K; ``width`` w and ``patch`` (>= 16)
   are options. 49,618 parameters with the defaults (w = 16, 28 x 28, RGB, K = 2).
+- ``segment3d``: ``segment`` for volumes (no paper): Conv3d 3x3x3 and MaxPool3d 2 in place of the 2D
+  layers, on a P x P x P block; ``width`` (default 8) and ``patch`` (default 16, >= 16) are options.
+  12,970 parameters with the defaults (one channel, K = 2). Listed in ``PATCH_NETS_3D``.
 - ``ciresan_n1`` .. ``ciresan_n4``: D. Ciresan, A. Giusti, L. Gambardella, J. Schmidhuber, "Deep
   neural networks segment neuronal membranes in electron microscopy images", NIPS 2012, Table 1:
   48 maps in every convolutional layer, each followed by 2x2 max-pooling, then FC 200 and FC 2.
@@ -59,7 +62,8 @@ from torch import nn
 from cnnkit.errors import ConfigError
 from cnnkit.models.registry import create, list_models, register_model
 
-PATCH_NETS: list[str] = []  # the registered patch nets, in registration order
+PATCH_NETS: list[str] = []  # the registered patch nets (2D), in registration order
+PATCH_NETS_3D: list[str] = []  # the registered 3D patch nets (volumes: ``cnnkit segment train --volume 3d``)
 
 LI = ("Li, Zhao, Wang. Highly efficient forward and backward propagation of convolutional neural networks "
       "for pixelwise classification. arXiv:1412.4526, 2014")
@@ -79,10 +83,11 @@ CIRESAN_PARAMS = {"n1": 335_978, "n2": 335_978, "n3": 335_978, "n4": 219_290}
 
 
 def register_patch_net(name: str, **info) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """``register_model`` for a patch net: also lists it in ``PATCH_NETS``."""
+    """``register_model`` for a patch net: also lists it in ``PATCH_NETS`` (``PATCH_NETS_3D`` when its
+    ``input_size`` is (C, P, P, P))."""
     def decorate(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         register_model(name, pooling="floor", **info)(builder)
-        PATCH_NETS.append(name)
+        (PATCH_NETS_3D if len(info["input_size"]) == 4 else PATCH_NETS).append(name)
         return builder
     return decorate
 
@@ -91,7 +96,7 @@ def he_init(model: nn.Sequential) -> nn.Sequential:
     """He et al. 2015 initialisation for ReLU nets: weights N(0, 2 / fan_in), biases 0; the last layer
     N(0, 0.01^2), so that training starts from near-uniform class scores. PyTorch's default (uniform,
     variance 1 / (3 fan_in)) shrinks the signal by about sqrt(6) per ReLU layer."""
-    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d, nn.Linear))]
     for m in layers[:-1]:
         nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
         nn.init.zeros_(m.bias)
@@ -100,9 +105,9 @@ def he_init(model: nn.Sequential) -> nn.Sequential:
     return model
 
 
-def _patch_net(model: nn.Sequential, in_chans: int, patch: int) -> nn.Sequential:
-    model.patch_size = (patch, patch)
-    model.input_size = (in_chans, patch, patch)
+def _patch_net(model: nn.Sequential, in_chans: int, patch: int, dims: int = 2) -> nn.Sequential:
+    model.patch_size = (patch,) * dims
+    model.input_size = (in_chans, *model.patch_size)
     return model
 
 
@@ -140,30 +145,48 @@ def descriptor(num_classes: int = 128, in_chans: int = 1) -> nn.Sequential:
     return _patch_net(model, in_chans, 64)
 
 
+def _segment_net(name: str, dims: int, num_classes: int, in_chans: int, width: int, patch: int) -> nn.Sequential:
+    """Two k^dims conv (k = 3) + ReLU pairs, max-pool 2/2, twice, then FC 4w, dropout, FC K; the FC
+    layer reads whatever map remains of the patch. He initialisation (``he_init``)."""
+    if not isinstance(patch, int) or patch < 16:
+        unit = "pixels" if dims == 2 else "voxels"
+        raise ConfigError(f"patch net '{name}' needs patch >= 16 {unit}, got {patch!r}; pass a larger patch")
+    conv, pool = (nn.Conv2d, nn.MaxPool2d) if dims == 2 else (nn.Conv3d, nn.MaxPool3d)
+    model = nn.Sequential()
+    c = in_chans
+    for stage, w in enumerate((width, 2 * width), start=1):
+        model.add_module(f"conv{stage}a", conv(c, w, 3))
+        model.add_module(f"relu{stage}a", nn.ReLU())
+        model.add_module(f"conv{stage}b", conv(w, w, 3))
+        model.add_module(f"relu{stage}b", nn.ReLU())
+        model.add_module(f"pool{stage}", pool(2, 2))
+        c = w
+    m = ((patch - 4) // 2 - 4) // 2
+    model.add_module("flatten", nn.Flatten())  # (B, 2w * m^dims)
+    model.add_module("fc1", nn.Linear(c * m**dims, 4 * width))
+    model.add_module("relu_fc", nn.ReLU())
+    model.add_module("drop", nn.Dropout(0.25))
+    model.add_module("fc2", nn.Linear(4 * width, num_classes))
+    return _patch_net(he_init(model), in_chans, patch, dims=dims)
+
+
 @register_patch_net("segment", paper="Ours (cnnkit segment; no paper)",
                     input_size=(3, 28, 28), num_classes=2, normalisation="none", reference_params=49_618,
                     notes="options width (16) and patch (28, at least 16)")
 def segment(num_classes: int = 2, in_chans: int = 3, width: int = 16, patch: int = 28) -> nn.Sequential:
     """Two 3x3 conv + ReLU pairs, max-pool 2/2, twice, then FC 4w, dropout, FC K. The FC layer
     reads whatever map remains of the patch. He initialisation (``he_init``)."""
-    if not isinstance(patch, int) or patch < 16:
-        raise ConfigError(f"patch net 'segment' needs patch >= 16 pixels, got {patch!r}; pass a larger patch")
-    model = nn.Sequential()
-    c = in_chans
-    for stage, w in enumerate((width, 2 * width), start=1):
-        model.add_module(f"conv{stage}a", nn.Conv2d(c, w, 3))
-        model.add_module(f"relu{stage}a", nn.ReLU())
-        model.add_module(f"conv{stage}b", nn.Conv2d(w, w, 3))
-        model.add_module(f"relu{stage}b", nn.ReLU())
-        model.add_module(f"pool{stage}", nn.MaxPool2d(2, 2))
-        c = w
-    m = ((patch - 4) // 2 - 4) // 2
-    model.add_module("flatten", nn.Flatten())  # (B, 2w * m * m)
-    model.add_module("fc1", nn.Linear(c * m * m, 4 * width))
-    model.add_module("relu_fc", nn.ReLU())
-    model.add_module("drop", nn.Dropout(0.25))
-    model.add_module("fc2", nn.Linear(4 * width, num_classes))
-    return _patch_net(he_init(model), in_chans, patch)
+    return _segment_net("segment", 2, num_classes, in_chans, width, patch)
+
+
+@register_patch_net("segment3d", paper="Ours (cnnkit segment --volume 3d; no paper)",
+                    input_size=(1, 16, 16, 16), num_classes=2, normalisation="none", reference_params=12_970,
+                    notes="segment in 3D: Conv3d/MaxPool3d; options width (8) and patch (16, at least 16)")
+def segment3d(num_classes: int = 2, in_chans: int = 1, width: int = 8, patch: int = 16) -> nn.Sequential:
+    """``segment`` for volumes: two 3x3x3 conv + ReLU pairs, max-pool 2/2, twice, then FC 4w, dropout,
+    FC K, on a P x P x P block (16 -> 12 -> 6 -> 2 -> 1 with the defaults). He initialisation. Narrower
+    than ``segment`` by default (w = 8): a 3D layer costs P times a 2D one."""
+    return _segment_net("segment3d", 3, num_classes, in_chans, width, patch)
 
 
 def ciresan(net: str, num_classes: int = 2, in_chans: int = 1) -> nn.Sequential:
@@ -228,20 +251,20 @@ def liskowski(num_classes: int = 2, in_chans: int = 3, width: float = 1.0, dropo
 # --------------------------------------------------------------------------- any patch net by name
 
 
-def create_patch_net(name: str, **options) -> tuple[nn.Module, tuple[int, int]]:
-    """``(model, (P, P))`` for a registered patch net (``"ciresan_n4"``) or a user's own net
-    (``"package.module:function"``; see ``user_patch_net``). ``options`` go to the builder."""
+def create_patch_net(name: str, **options) -> tuple[nn.Module, tuple[int, ...]]:
+    """``(model, (P, P))`` (``(P, P, P)`` for a 3D net) for a registered patch net (``"ciresan_n4"``) or
+    a user's own net (``"package.module:function"``; see ``user_patch_net``). ``options`` go to the builder."""
     if ":" in name:
         return user_patch_net(name, **options)
     if name not in list_models():
-        raise ConfigError(f"unknown patch net {name!r}; choose one of {', '.join(PATCH_NETS)} "
+        raise ConfigError(f"unknown patch net {name!r}; choose one of {', '.join(PATCH_NETS + PATCH_NETS_3D)} "
                           "(or your own as package.module:function)")
-    if name not in PATCH_NETS:  # a model registered elsewhere: look before building it for real
+    if name not in PATCH_NETS + PATCH_NETS_3D:  # a model registered elsewhere: look before building it for real
         with torch.device("meta"):
             probe = create(name, **options)
         if getattr(probe, "patch_size", None) is None:
             raise ConfigError(f"model {name!r} is not a patch net (it has no patch_size); choose one of "
-                              f"{', '.join(PATCH_NETS)} (or your own as package.module:function)")
+                              f"{', '.join(PATCH_NETS + PATCH_NETS_3D)} (or your own as package.module:function)")
     model = create(name, **options)
     return model, _patch_size(model.patch_size, name)
 
@@ -249,13 +272,14 @@ def create_patch_net(name: str, **options) -> tuple[nn.Module, tuple[int, int]]:
 def user_patch_net(spec: str, **options) -> tuple[nn.Module, tuple[int, int]]:
     """Import ``package.module`` and call ``function`` with the options its signature accepts
     (``num_classes`` and ``in_chans`` are dropped when it does not take them; any other option it
-    does not take is an error). The function returns ``(module, patch)``, patch an int or (P, P)."""
+    does not take is an error). The function returns ``(module, patch)``, patch an int, (P, P) or, for
+    a 3D net, (P, P, P)."""
     fn = user_patch_builder(spec)
     kwargs = _accepted(fn, options, spec)
     result = fn(**kwargs)
     if not (isinstance(result, Sequence) and len(result) == 2 and isinstance(result[0], nn.Module)):
         raise ConfigError(f"patch net {spec!r} returned {type(result).__name__}; make it return "
-                          "(module, patch_size) with patch_size an int or (P, P)")
+                          "(module, patch_size) with patch_size an int, (P, P) or (P, P, P)")
     model, patch = result
     patch = _patch_size(patch, spec)
     model.patch_size = patch
@@ -295,8 +319,9 @@ def _accepted(fn: Callable, options: dict, spec: str) -> dict:
     return {k: v for k, v in options.items() if k in names}
 
 
-def _patch_size(patch, name: str) -> tuple[int, int]:
-    pair = (patch, patch) if isinstance(patch, int) else tuple(patch) if isinstance(patch, Sequence) else ()
-    if len(pair) != 2 or not all(isinstance(p, int) and not isinstance(p, bool) and p > 0 for p in pair):
-        raise ConfigError(f"patch net {name!r} has patch size {patch!r}; it must be a positive int or (P, P)")
-    return pair
+def _patch_size(patch, name: str) -> tuple[int, ...]:
+    sides = (patch, patch) if isinstance(patch, int) else tuple(patch) if isinstance(patch, Sequence) else ()
+    if len(sides) not in (2, 3) or not all(isinstance(p, int) and not isinstance(p, bool) and p > 0 for p in sides):
+        raise ConfigError(f"patch net {name!r} has patch size {patch!r}; it must be a positive int, (P, P) "
+                          "or (P, P, P)")
+    return sides

@@ -6,8 +6,14 @@ recognition", ICLR 2015 (arXiv:1409.1556), Table 1 (configurations A, A-LRN, B, 
 ``"M"`` a 2x2/2 max pooling. All convolutions have stride 1 and "same" padding; ReLU after each;
 then FC-4096, FC-4096 with dropout 0.5 and FC-1000. Input 224 x 224.
 Layer names follow the authors' released Caffe models: conv1_1 .. conv5_3, pool1 .. pool5, fc6 .. fc8.
-No deviations (LRN constants as in Krizhevsky et al., as the paper says). Parameters: A 132,863,336,
-A-LRN the same, B 133,047,848, C 133,638,952, D 138,357,544, E 143,667,240.
+LRN constants as in Krizhevsky et al., as the paper says. Parameters: A 132,863,336, A-LRN the same,
+B 133,047,848, C 133,638,952, D 138,357,544, E 143,667,240.
+
+Deviation, stated: the initialisation. Sec. 3.1 trains net A from random weights (normal, zero mean,
+variance 10^-2; biases 0) and starts the deeper nets from A's first four conv layers and three FC
+layers (the rest random); it adds that Glorot & Bengio's initialisation, found after submission,
+works without this pre-training. Here every configuration uses PyTorch's default initialisation
+(weights and biases uniform in +-1/sqrt(fan_in)), and no net is initialised from another.
 """
 
 from __future__ import annotations

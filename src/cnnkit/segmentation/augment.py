@@ -101,13 +101,19 @@ def intensity(image: torch.Tensor, valid: torch.Tensor, gamma: float, contrast: 
               brightness: float) -> torch.Tensor:
     """Gamma, then contrast about the per-channel mean inside ``valid``, then brightness; in [0, 1]."""
     x = image.clamp(0, 1) ** gamma
-    mean = _pixels(x, valid).mean(1)[:, None, None]
+    mean = _per_channel(_pixels(x, valid).mean(1), x)
     return ((x - mean) * contrast + mean + brightness).clamp_(0, 1)
 
 
 def _pixels(x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-    """(C, N) the pixels of a (C, H, W) image where ``valid`` (all of them if valid is None or empty)."""
+    """(C, N) the pixels of a (C, H, W) image (or voxels of a (C, D, H, W) volume) where ``valid`` (all
+    of them if valid is None or empty)."""
     return x[:, valid] if valid is not None and valid.any() else x.flatten(1)
+
+
+def _per_channel(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(C,) -> (C, 1, 1) for an image, (C, 1, 1, 1) for a volume: broadcasts over ``like``'s pixels."""
+    return v.view(-1, *(1,) * (like.dim() - 1))
 
 
 # --------------------------------------------------------------------------- one spec, drawn and applied
@@ -232,9 +238,10 @@ def preprocess(image: torch.Tensor, valid: torch.Tensor | None = None, *, normal
 
     ``contrast="clahe"``: contrast-limited adaptive histogram equalisation per channel (clip 2, 8x8
     tiles, the usual fundus setting; fewer tiles on images under 9 pixels a side) of the image
-    clipped to [0, 1]. ``normalize="image"``: per-image,
+    clipped to [0, 1]; a volume (C, D, H, W) slice by slice. ``normalize="image"``: per-image,
     per-channel standardisation with the mean and std (population) of the pixels inside ``valid`` (all
-    pixels when None); pixels outside get the same affine map. ``"none"`` leaves either step out.
+    pixels when None; a volume's voxels); pixels outside get the same affine map. ``"none"`` leaves
+    either step out.
     """
     if normalize not in NORMALIZE_MODES:
         raise ConfigError(f"unknown normalisation {normalize!r}; use one of {', '.join(NORMALIZE_MODES)}")
@@ -245,10 +252,12 @@ def preprocess(image: torch.Tensor, valid: torch.Tensor | None = None, *, normal
         grid = tuple(min(g, n - 1) for g, n in zip(CLAHE_GRID, image.shape[-2:]))
         from kornia.enhance import equalize_clahe
 
-        image = equalize_clahe(image.clamp(0, 1), clip_limit=CLAHE_CLIP, grid_size=grid)
+        slices = image.transpose(0, 1) if image.dim() == 4 else image  # a volume: (D, C, H, W)
+        slices = equalize_clahe(slices.clamp(0, 1), clip_limit=CLAHE_CLIP, grid_size=grid)
+        image = slices.transpose(0, 1) if image.dim() == 4 else slices
     if normalize == "image":
         pixels = _pixels(image, valid)  # (C, N)
-        mean = pixels.mean(1)[:, None, None]
-        std = pixels.std(1, correction=0).clamp_min(1e-6)[:, None, None]
+        mean = _per_channel(pixels.mean(1), image)
+        std = _per_channel(pixels.std(1, correction=0).clamp_min(1e-6), image)
         image = (image - mean) / std
     return image

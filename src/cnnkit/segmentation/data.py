@@ -91,26 +91,45 @@ def load_image(path: Path, channels: int | None = None) -> torch.Tensor:
 def decode_mask(path: Path, mode: str = "auto", palette: Sequence[Sequence[int]] | None = None,
                 ignore_value: int | None = None) -> torch.Tensor:
     """Mask file -> (H, W) int64 class indices (IGNORE_INDEX where ``ignore_value``)."""
+    arr, pil_mode = read_mask_array(path, mode)
+    return decode_labels(arr, pil_mode, path, mode, palette, ignore_value)
+
+
+def read_mask_array(path: Path, mode: str = "auto") -> tuple[np.ndarray, str]:
+    """A mask file's stored values (H, W) or (H, W, C), and its Pillow mode."""
     if mode not in MASK_MODES:
         raise DataError(f"unknown mask mode {mode!r}; use one of {', '.join(MASK_MODES)}")
+    return _read(path, "mask", lambda im: mask_array(im, mode))
+
+
+def mask_array(im: Image.Image, mode: str) -> tuple[np.ndarray, str]:
     # binary masks are grey levels: a palette image (GIF) is read through its palette
-    arr, pil_mode = _read(path, "mask", lambda im: (
-        np.asarray(im.convert("L") if mode == "binary" and im.mode in ("P", "1") else im), im.mode))
-    if arr.ndim == 3:
+    return np.asarray(im.convert("L") if mode == "binary" and im.mode in ("P", "1") else im), im.mode
+
+
+def decode_labels(arr: np.ndarray, pil_mode: str, path: Path, mode: str = "auto",
+                  palette: Sequence[Sequence[int]] | None = None, ignore_value: int | None = None,
+                  spatial: int = 2) -> torch.Tensor:
+    """Stored mask values, ``spatial`` axes (2: (H, W), 3: a volume (D, H, W)) and an optional colour
+    axis last, -> int64 class indices; ``pil_mode`` "P" marks palette images (read as indices)."""
+    if mode not in MASK_MODES:
+        raise DataError(f"unknown mask mode {mode!r}; use one of {', '.join(MASK_MODES)}")
+    colour = arr.ndim == spatial + 1
+    if colour:
         arr = arr[..., :3]
         if palette is None and (arr == arr[..., :1]).all():
-            arr = arr[..., 0]  # a grey image stored as RGB
+            arr, colour = arr[..., 0], False  # a grey image stored as RGB
     ignore = None
-    if arr.ndim == 2 and ignore_value is not None:
+    if not colour and ignore_value is not None:
         ignore = arr == ignore_value
     if mode == "auto":
-        mode = _guess_mode(arr, pil_mode, ignore, path)
+        mode = _guess_mode(arr, pil_mode, ignore, path, colour)
     if mode == "palette":
-        out = _decode_palette(arr, palette, ignore_value, path)
+        out = _decode_palette(arr, palette, ignore_value, path, colour)
     elif mode == "binary":
-        out = (arr > 127).astype(np.int64) if arr.ndim == 2 else None
+        out = None if colour else (arr > 127).astype(np.int64)
     else:
-        out = arr.astype(np.int64) if arr.ndim == 2 else None
+        out = None if colour else arr.astype(np.int64)
     if out is None:
         raise DataError(f"mask {path} is a colour image; pass a palette (--palette) to decode it")
     if ignore is not None:
@@ -118,8 +137,8 @@ def decode_mask(path: Path, mode: str = "auto", palette: Sequence[Sequence[int]]
     return torch.from_numpy(out)
 
 
-def _guess_mode(arr: np.ndarray, pil_mode: str, ignore: np.ndarray | None, path: Path) -> str:
-    if arr.ndim == 3:
+def _guess_mode(arr: np.ndarray, pil_mode: str, ignore: np.ndarray | None, path: Path, colour: bool) -> str:
+    if colour:
         return "palette"
     if pil_mode == "P":
         return "index"
@@ -132,12 +151,12 @@ def _guess_mode(arr: np.ndarray, pil_mode: str, ignore: np.ndarray | None, path:
     return "binary"
 
 
-def _decode_palette(arr, palette, ignore_value, path) -> np.ndarray:
-    if arr.ndim != 3:
+def _decode_palette(arr, palette, ignore_value, path, colour: bool) -> np.ndarray:
+    if not colour:
         raise DataError(f"mask {path} is not a colour image but a palette was given; drop --palette")
     if palette is None:
         raise DataError(f"mask {path} is a colour image; pass a palette (--palette) to decode it")
-    out = np.full(arr.shape[:2], -1, dtype=np.int64)
+    out = np.full(arr.shape[:-1], -1, dtype=np.int64)
     for i, colour in enumerate(palette):
         # a palette entry equal to ignore_value (by index) marks unlabelled pixels
         out[(arr == np.asarray(colour, dtype=arr.dtype)).all(-1)] = IGNORE_INDEX if i == ignore_value else i

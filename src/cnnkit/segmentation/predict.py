@@ -11,6 +11,11 @@ mapped back: ``mean_k dihedral_inverse(softmax(dense(dihedral(x, k))), k)``. Sev
 
 Files are written one image at a time (memory bounded by one image), each output atomically, so an
 interrupted run leaves complete files only and a rerun skips the images whose outputs all exist.
+
+A volume checkpoint (``cnnkit segment train --volume``) labels volumes instead (``predict_volumes``,
+``evaluate_volumes``): <stem>_labels.tif and <stem>_prob.tif, multi-page TIFFs with one page per slice.
+Test-time augmentation then uses the flips and quarter turns of the slice plane (H, W) that training
+drew from; depth is never flipped.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from cnnkit.models.patch import user_patch_builder
 from cnnkit.segmentation.augment import dihedral, dihedral_inverse, preprocess
 from cnnkit.segmentation.data import IGNORE_INDEX, IMAGE_SUFFIXES, decode_mask, load_image
 from cnnkit.segmentation.metrics import SegmentationMeter
+from cnnkit.segmentation.volume import VolumeMode, check_mask_shape, load_mask_volume, load_volume, volume_probabilities
 from cnnkit.train.checkpoint import Checkpoint, load_checkpoint, load_weights
 from cnnkit.train.checkpoint_schema import check_model_plan
 from cnnkit.utils import atomic_path, ensure_writable_dir
@@ -113,6 +119,7 @@ class Segmenter:
         self.tta, self.device, self.dtype = tta, torch.device(device), dtype
         self.classes = list(first.classes)
         self.meta = first.meta
+        self.volume = VolumeMode.from_meta(first.meta)
         self.positive = int(first.meta.get("positive_class", 1))
         self.members = [self._member(c, max_memory) for c in ckpts]
         self._check_agree(ckpts)
@@ -144,6 +151,12 @@ class Segmenter:
         if tuple(ckpt.meta["patch"]) != tuple(patch):
             raise CheckpointError(f"{source} was trained on {ckpt.meta['patch']} patches but its net "
                                   f"{ckpt.model_name!r} takes {list(patch)}; pass the checkpoint with its own net")
+        volume = VolumeMode.from_meta(ckpt.meta)
+        dims = 3 if volume is not None and volume.mode == "3d" else 2
+        if len(patch) != dims:
+            raise CheckpointError(f"{source} was trained {'on volumes in 3D' if dims == 3 else 'in 2D'} but its net "
+                                  f"{ckpt.model_name!r} is {len(patch)}D; the file is damaged or was not written "
+                                  "by cnnkit")
         dense = densify(model, patch, border=ckpt.meta["border"], max_memory=max_memory)
         if dense.num_classes != len(ckpt.classes):
             raise CheckpointError(f"{source}: the net gives {dense.num_classes} outputs but the checkpoint names "
@@ -159,6 +172,12 @@ class Segmenter:
                 raise CheckpointError(f"{member.source} takes {member.dense.in_channels} image channels but "
                                       f"{self.members[0].source} takes {self.members[0].dense.in_channels}; "
                                       "average only checkpoints for the same images")
+            if VolumeMode.from_meta(ckpt.meta) != self.volume:
+                def mode(v):
+                    return "2D images" if v is None else f"--volume {v.spec()}"
+                raise CheckpointError(f"{member.source} was trained with {mode(VolumeMode.from_meta(ckpt.meta))} but "
+                                      f"{self.members[0].source} with {mode(self.volume)}; average only checkpoints "
+                                      "of one kind")
             if int(ckpt.meta.get("positive_class", 1)) != self.positive:
                 raise CheckpointError(f"{member.source} and {self.members[0].source} have different positive "
                                       "classes; average only checkpoints of the same task")
@@ -267,13 +286,24 @@ def _arrays(segmenter: Segmenter, image: torch.Tensor, probs: torch.Tensor, labe
     return [lab, *prob_maps, (overlay + 0.5).clip(0, 255).astype(np.uint8)]
 
 
-def _write_all(out: Path, names: list[str], arrays: list[np.ndarray]) -> None:
+def _save_png(arr: np.ndarray, path: Path) -> None:
+    Image.fromarray(arr).save(path, format="PNG")
+
+
+def _save_tiff(arr: np.ndarray, path: Path) -> None:
+    """(D, H, W) -> a multi-page TIFF, one grey page per slice (never read as RGB, whatever D is)."""
+    import tifffile
+
+    tifffile.imwrite(path, arr, photometric="minisblack")
+
+
+def _write_all(out: Path, names: list[str], arrays: list[np.ndarray], save=_save_png) -> None:
     """Write every output of one image atomically; after a failure none of them is left."""
     written = []
     try:
         for name, arr in zip(names, arrays):
             with atomic_path(out / name) as tmp:  # a failed write (disk full, ...) is an OutputError
-                Image.fromarray(arr).save(tmp, format="PNG")
+                save(arr, tmp)
             written.append(out / name)
     except BaseException:
         for p in written:
@@ -384,9 +414,98 @@ def _read_target(path: Path, image: Path, size: tuple[int, int], k: int, mask_mo
     if tuple(target.shape) != size:
         raise DataError(f"mask {path} is {target.shape[1]}x{target.shape[0]} but image {image.name} is "
                         f"{size[1]}x{size[0]}; pass the mask made for this image, at its size")
+    _check_values(target, path, k)
+    return target
+
+
+def _check_values(target: torch.Tensor, path: Path, k: int) -> None:
     bad = (target != IGNORE_INDEX) & ((target < 0) | (target >= k))
     if bad.any():
         value = int(target[bad].max())
         raise DataError(f"mask {path} has value {value} but the checkpoint has {k} classes (0..{k - 1}); pass "
                         f"masks of these classes, or --ignore-value {value} if {value} marks unlabelled pixels")
-    return target
+
+
+# --------------------------------------------------------------------------- volumes
+
+
+def volume_output_names(stem: str, num_classes: int) -> list[str]:
+    """Files written for a volume: labels and probabilities (one file for two classes), multi-page TIFFs."""
+    probs = [f"{stem}_prob.tif"] if num_classes == 2 else [f"{stem}_prob_{k}.tif" for k in range(num_classes)]
+    return [f"{stem}_labels.tif", *probs]
+
+
+def _volume_name(path: Path) -> str:
+    return path.stem if path.is_file() else path.name
+
+
+def _load_volume(segmenter: Segmenter, path: Path) -> torch.Tensor:
+    """A (C, D, H, W) volume checked against the net: its channels and, in 3D, its sides."""
+    volume = load_volume(path)
+    want = segmenter.in_channels // segmenter.volume.slices
+    if volume.shape[0] != want:
+        raise DataError(f"volume {path} has {volume.shape[0]} channels but the model takes {want}; convert it "
+                        "(grey <-> RGB) first")
+    for member in segmenter.members if segmenter.volume.mode == "3d" else ():
+        need = max(max((p - 1) // 2, p // 2) for p in member.dense.patch)
+        if member.dense.border == "reflect" and min(volume.shape[1:]) <= need:
+            raise DataError(f"volume {path} is {'x'.join(map(str, volume.shape[1:]))} but {member.source} reflects "
+                            f"{need} voxels at its border, which needs every side above {need}; give a larger "
+                            "volume, or train with --border replicate")
+    return volume
+
+
+def predict_volumes(segmenter: Segmenter, volumes: Sequence[Path], out: str | Path, *, rank: int = 0,
+                    world_size: int = 1, overwrite: bool = False, progress: bool | None = None) -> PredictSummary:
+    """Label ``volumes[rank::world_size]`` into ``out``: <stem>_labels.tif (uint8 class indices, uint16
+    beyond 256 classes) and <stem>_prob.tif (uint16 probability of the positive class x 65535;
+    <stem>_prob_<k>.tif per class beyond two), one page per slice, each written atomically."""
+    if segmenter.volume is None:
+        raise ConfigError("predict_volumes needs a checkpoint from `cnnkit segment train --volume`")
+    volumes = [Path(v) for v in volumes]
+    stems: dict[str, Path] = {}
+    for v in volumes:
+        if stems.setdefault(_volume_name(v), v) != v:
+            raise DataError(f"volumes {stems[_volume_name(v)]} and {v} have the same name and would write the same "
+                            "outputs; rename one or predict them into separate folders")
+    out = ensure_writable_dir(out)
+    mine = volumes[rank::world_size]
+    k = segmenter.num_classes
+    removed = _remove_stale_tmp(out, {n for v in mine for n in volume_output_names(_volume_name(v), k)})
+    summary = PredictSummary(0, 0, removed)
+    show = progress if progress is not None else sys.stderr.isatty() and rank == 0
+    for path in tqdm(mine, desc="predict", unit="volume", disable=not show):
+        names = volume_output_names(_volume_name(path), k)
+        if not overwrite and all((out / n).is_file() for n in names):
+            summary.skipped += 1
+            continue
+        probs = volume_probabilities(segmenter, _load_volume(segmenter, path))  # (K, D, H, W)
+        labels = segmenter.labels(probs).numpy().astype(np.uint8 if k <= 256 else np.uint16)
+        p16 = (probs.clamp(0, 1).double().numpy() * 65535 + 0.5).astype(np.uint16)
+        _write_all(out, names, [labels, *([p16[segmenter.positive]] if k == 2 else list(p16))], save=_save_tiff)
+        summary.written += 1
+    return summary
+
+
+def evaluate_volumes(segmenter: Segmenter, volumes: Sequence[Path], mask_volumes: Sequence[Path], *,
+                     positive: int | None = None, mask_mode: str | None = None, palette=None,
+                     ignore_value: int | None = None, progress: bool | None = None) -> dict:
+    """:func:`evaluate_files` for volumes: the scores over every labelled voxel of every volume."""
+    meta = segmenter.meta
+    positive = segmenter.positive if positive is None else positive
+    k = segmenter.num_classes
+    if not 0 <= positive < k:
+        raise DataError(f"positive class {positive} is not one of the {k} classes (0..{k - 1}); pass one of them")
+    meter = SegmentationMeter(k, positive=positive)
+    show = progress if progress is not None else sys.stderr.isatty()
+    for path, mask_path in tqdm(list(zip(volumes, mask_volumes)), desc="evaluate", unit="volume", disable=not show):
+        volume = _load_volume(segmenter, Path(path))
+        target = load_mask_volume(Path(mask_path), mask_mode or meta.get("mask_mode") or "auto",
+                                  palette if palette is not None else meta.get("palette"),
+                                  ignore_value if ignore_value is not None else meta.get("ignore_value"))
+        check_mask_shape(target, Path(mask_path), volume, Path(path))
+        _check_values(target, Path(mask_path), k)
+        probs = volume_probabilities(segmenter, volume)
+        meter.update(probs[None], target[None], segmenter.labels(probs)[None])
+    return {**meter.compute(), "classes": segmenter.classes, "images": len(volumes), "volumes": True,
+            "threshold": segmenter.threshold, "tta": segmenter.tta}

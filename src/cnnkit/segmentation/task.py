@@ -21,6 +21,11 @@ classes) or mean IoU. After training, for two classes, the probability threshold
 positive class's F1 on the held-out images (averaged over the 8 flips/rotations when ``tta``) is
 stored in best.safetensors and used by ``cnnkit segment predict``.
 
+Volumes (``--volume``, :mod:`cnnkit.segmentation.volume`): in 3D a training item is a block of
+``crop`` voxels a side with the P x P x P patches its voxels read, augmented in the slice plane only
+(flips and quarter turns of H and W; depth is never flipped, as slices are often thicker than pixels
+are wide); in 2.5D every slice with its neighbours as channels is a 2D image of the pipeline above.
+
 Dropout and BatchNorm act as in eval mode in the dense net (per-patch dropout masks and batch
 statistics have no dense equivalent).
 """
@@ -29,9 +34,10 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -54,6 +60,7 @@ from cnnkit.segmentation.data import (
     split_samples,
 )
 from cnnkit.segmentation.metrics import SegmentationMeter
+from cnnkit.segmentation.volume import VolumeMode, load_volume_folder, slice_samples
 from cnnkit.train.classification import make_loader
 from cnnkit.train.config import TrainConfig
 from cnnkit.train.engine import autocast, bar, optimizer_step
@@ -96,6 +103,7 @@ class SegmentConfig(TrainConfig):
     skip_unpaired: bool = False
     resize_to_mask: bool = False
     scale: float | None = None  # resize images and masks by this factor when loading
+    volume: str = "none"  # "3d", "2.5d" or "2.5d=K": images are volumes (see cnnkit.segmentation.volume)
     generated_count: int = 32  # images of the generated default
     # --- training items and loss
     border: str = "reflect"
@@ -109,7 +117,7 @@ class SegmentConfig(TrainConfig):
     positive_class: int = 1
     select: str = "auto"
     threshold_tta: bool = True  # pick the held-out threshold on the mean of the 8 flips/rotations
-    max_memory_mb: float | None = None  # tile held-out images to stay near this working memory
+    max_memory_mb: float | None = None  # bound on each held-out dense pass's peak memory (None: the default)
     dense_mode: str = "auto"  # layouts of the dense layers: measured per machine, or "dilated"/"space_to_batch"
 
     def validate(self) -> None:
@@ -140,11 +148,42 @@ class SegmentConfig(TrainConfig):
                 raise ConfigError(message)
         if self.num_classes is not None and self.positive_class >= self.num_classes:
             raise ConfigError(f"--positive-class {self.positive_class} is not one of the {self.num_classes} classes")
-        JointAugment.from_spec(self.augment)  # unknown names -> one line, before anything starts
+        augment = JointAugment.from_spec(self.augment)  # unknown names -> one line, before anything starts
+        self._check_volume(augment)
+
+    def _check_volume(self, augment: JointAugment) -> None:
+        volume = VolumeMode.parse(self.volume)
+        self.volume = volume.spec() if volume is not None else "none"  # one spelling per mode ("2.5d" -> "2.5d=1")
+        if volume is None:
+            return
+        refused = [(self.data == "generated", "--data generated (give a folder of volumes)"),
+                   (self.valid is not None, "--valid"), (self.scale is not None, "--scale"),
+                   (self.resize_to_mask, "--resize-to-mask")]
+        if volume.mode == "3d":
+            refused.append((augment.elastic is not None, "elastic augmentation (a 2D deformation)"))
+            if self.model == "segment":  # the default 2D net: its 3D twin (a 2D net cannot read a volume)
+                self.model = "segment3d"
+        for bad, what in refused:
+            if bad:
+                raise ConfigError(f"--volume {self.volume} does not take {what}; drop it, or leave out --volume")
+        if ":" not in self.model:  # a registered net: its patch is known before any data is read
+            from cnnkit.models import model_info
+
+            check_patch_dims(self.model, model_info(self.model).input_size[1:], volume)
 
     def check_model(self) -> None:
         if ":" not in self.model:  # a user's module:function is imported when the model is built
             super().check_model()
+
+
+def check_patch_dims(model: str, patch, volume: VolumeMode | None) -> None:
+    """A 3D patch for ``--volume 3d``, a 2D one otherwise, or one line naming the net and the fix."""
+    dims = 3 if volume is not None and volume.mode == "3d" else 2
+    if len(patch) != dims:
+        mode = f"--volume {volume.spec()}" if volume is not None else "training on 2D images"
+        fix = "a 3D patch net (e.g. --model segment3d)" if dims == 3 else "a 2D patch net, or --volume 3d"
+        raise ConfigError(f"patch net {model!r} reads {'x'.join(map(str, patch))} patches but {mode} takes "
+                          f"{dims}D ones; use {fix}")
 
 
 def _is_colour(c) -> bool:
@@ -164,63 +203,66 @@ class CropDataset(Dataset):
     Returns (window (C, crop + P - 1, crop + P - 1), target (crop, crop)). The window is cut with a
     symmetric margin of max(before, after) pixels around the crop, augmented (the dihedral maps and
     the elastic field keep the crop's centre), standardised with its image's ``affine`` (mean, std)
-    when given, then trimmed to the patches the crop's pixels read.
+    when given, then trimmed to the patches the crop's pixels read. Volumes (C, D, H, W) give blocks:
+    (C, crop + P - 1 per axis), target (crop, crop, crop), augmented in the (H, W) plane.
     """
 
-    def __init__(self, samples: list[SegmentationSample], crop: int, patch: tuple[int, int], border: str,
+    def __init__(self, samples: list[SegmentationSample], crop: int, patch: tuple[int, ...], border: str,
                  augment: JointAugment, crops_per_image: int, seed: int, affine: list | None = None):
         self.samples, self.augment, self.seed = samples, augment, seed
         self.affine = affine or [None] * len(samples)
-        self.crop = min([crop] + [min(s.image.shape[1:]) for s in samples])
-        area = sum(s.image.shape[1] * s.image.shape[2] for s in samples) / len(samples)
-        self.per_image = crops_per_image or max(1, round(area / self.crop**2))
-        self.before = patch_span(patch[0])[0]
-        self.margin = max(patch_span(patch[0]))
-        self.window = self.crop + patch[0] - 1
+        self.crop = min([crop] + [min(s.target.shape) for s in samples])
+        self.dims = len(patch)
+        area = sum(s.target.numel() for s in samples) / len(samples)
+        self.per_image = crops_per_image or max(1, round(area / self.crop**self.dims))
+        self.before = [patch_span(p)[0] for p in patch]
+        self.margin = max(max(patch_span(p)) for p in patch)  # one margin on every axis: turns keep it
+        self.window = [self.crop + p - 1 for p in patch]
         self.epoch = 0
         m = self.margin
         self.padded, self.labelled = [], []
         for s in samples:
             self.labelled.append((s.target.flatten() != IGNORE_INDEX).nonzero().squeeze(1).int())
             image = _pad(s.image[None], m, border)[0]
-            target = F.pad(s.target, (m, m, m, m), value=IGNORE_INDEX)
+            target = F.pad(s.target, (m, m) * self.dims, value=IGNORE_INDEX)
             valid = s.valid if s.valid is not None else torch.ones(s.target.shape, dtype=torch.bool)
-            self.padded.append((image, target, F.pad(valid, (m, m, m, m), value=False)))
+            self.padded.append((image, target, F.pad(valid, (m, m) * self.dims, value=False)))
 
     def __len__(self) -> int:
         return len(self.samples) * self.per_image
 
-    def position(self, k: int, g: torch.Generator) -> tuple[int, int]:
+    def position(self, k: int, g: torch.Generator) -> tuple[int, ...]:
         """Top-left corner of a crop of image k: centred on a labelled pixel drawn uniformly (so no step is
         spent on unlabelled margins such as the black corners of a fundus image), kept inside the image."""
-        h, w = self.samples[k].target.shape
+        shape = self.samples[k].target.shape
         labelled = self.labelled[k]
         flat = int(labelled[torch.randint(len(labelled), (1,), generator=g)]) if len(labelled) else 0
-        cy, cx = divmod(flat, w)
         c = self.crop
-        return min(max(cy - c // 2, 0), h - c), min(max(cx - c // 2, 0), w - c)
+        centre = [int(i) for i in np.unravel_index(flat, tuple(shape))]
+        return tuple(min(max(i - c // 2, 0), n - c) for i, n in zip(centre, shape))
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         g = torch.Generator().manual_seed(epoch_seed_item(self.seed, self.epoch, i))
         image, target, valid = self.padded[i % len(self.samples)]
         affine = self.affine[i % len(self.samples)]
         c, m = self.crop, self.margin
-        top, left = self.position(i % len(self.samples), g)
-        box = (slice(top, top + c + 2 * m), slice(left, left + c + 2 * m))
+        corner = self.position(i % len(self.samples), g)
+        box = tuple(slice(a, a + c + 2 * m) for a in corner)
         x, y, v = image[(slice(None), *box)], target[box], valid[box]
         x, y, v = self.augment(x, y, v, g)
         if affine is not None:
             x = (x - affine[0]) / affine[1]
         y = torch.where(v, y, IGNORE_INDEX)
-        lo = m - self.before
-        x = x[:, lo : lo + self.window, lo : lo + self.window]
-        return x.contiguous(), y[m : m + c, m : m + c].contiguous()
+        x = x[(slice(None), *(slice(m - b, m - b + w) for b, w in zip(self.before, self.window)))]
+        return x.contiguous(), y[(slice(m, m + c),) * self.dims].contiguous()
 
 
 def standardization(image: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, std), each (C, 1, 1), of the pixels inside ``valid``: preprocess's normalize="image"."""
+    """(mean, std), each (C, 1, 1) ((C, 1, 1, 1) for a volume), of the pixels inside ``valid``:
+    preprocess's normalize="image"."""
     pixels = image.flatten(1) if valid is None else image[:, valid]  # (C, N)
-    return pixels.mean(1)[:, None, None], pixels.std(1, correction=0).clamp_min(1e-6)[:, None, None]
+    ones = (1,) * (image.dim() - 1)
+    return pixels.mean(1).view(-1, *ones), pixels.std(1, correction=0).clamp_min(1e-6).view(-1, *ones)
 
 
 def epoch_seed_item(seed: int, epoch: int, item: int) -> int:
@@ -232,25 +274,27 @@ def epoch_seed_from(seed: int, epoch: int) -> int:
 
 
 def _pad(x: torch.Tensor, m: int, border: str) -> torch.Tensor:
+    """Pad the spatial axes of (1, C, *L) by ``m`` on each side."""
     if m == 0:
         return x
-    if border == "reflect" and m >= min(x.shape[-2:]):
-        raise ConfigError(f"border 'reflect' needs images larger than {m} pixels a side for this patch; "
-                          "use --border replicate or zeros")
-    return F.pad(x, (m, m, m, m), mode=BORDERS[border])
+    if border == "reflect" and m >= min(x.shape[2:]):
+        raise ConfigError(f"border 'reflect' needs images larger than {m} pixels a side for this patch "
+                          f"(got {'x'.join(map(str, x.shape[2:]))}); use --border replicate or zeros")
+    return F.pad(x, (m, m) * (x.dim() - 2), mode=BORDERS[border])
 
 
 class CropNet(nn.Module):
     """The dense net on a window that already holds every output pixel's patch (no padding):
-    (N, C, c + P - 1, c + P - 1) -> (N, K, c, c). Its parameters are the patch net's."""
+    (N, C, c + P - 1, c + P - 1) -> (N, K, c, c), and likewise with a depth axis. Its parameters are
+    the patch net's."""
 
     def __init__(self, dense):
         super().__init__()
         self.dense = dense
 
     def forward(self, window: torch.Tensor) -> torch.Tensor:
-        c = window.shape[-1] - self.dense.patch[-1] + 1
-        return self.dense.core(window)[..., :c, :c]
+        out = [n - p + 1 for n, p in zip(window.shape[2:], self.dense.patch)]
+        return self.dense.core(window)[(..., *(slice(0, c) for c in out))]
 
 
 def pixel_losses(scores: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,
@@ -283,7 +327,19 @@ class SegmentationTask(Task):
 
     def prepare(self, cfg: SegmentConfig, ctx) -> None:
         self.cfg = cfg
+        self.volume = VolumeMode.parse(cfg.volume)
         train, val, source = _load(cfg)
+        unit = "images"
+        if self.volume is not None and self.volume.mode == "3d":
+            unit = "volumes (3d)"
+        elif self.volume is not None:  # split by volume, then every slice is a 2D image
+            unit = f"slices of {len(train)} / {len(val)} volumes ({self.volume.spec()})"
+            train, val = slice_samples(train, self.volume.context), slice_samples(val, self.volume.context)
+        if self.volume is not None and JointAugment.from_spec(cfg.augment).intensity:
+            for s in train:  # float TIFFs keep their stored values; the intensity jitter works in [0, 1]
+                if s.image.min() < 0 or s.image.max() > 1:
+                    raise DataError(f"volume {s.name} has values outside [0, 1] (a float or 32-bit TIFF); "
+                                    "rescale it to [0, 1], or pass --augment without intensity")
         channels = {s.image.shape[0] for s in train + val}
         if len(channels) != 1:
             raise DataError(f"images in {source} mix {sorted(channels)} channels; convert them to one")
@@ -306,7 +362,7 @@ class SegmentationTask(Task):
         self.weight = _class_weights(train, k) if cfg.class_weight == "balanced" else None
         self.key = cfg.select if cfg.select != "auto" else ("roc_auc" if k == 2 else "mean_iou")
         self.select_key = f"val_{self.key}"
-        self.description = (f"{source}: {len(train)} training / {len(val)} held-out images, {k} classes, "
+        self.description = (f"{source}: {len(train)} training / {len(val)} held-out {unit}, {k} classes, "
                             f"{self.channels} channel(s)")
         log.info("data: %s", self.description)
         metrics = ["pixel_accuracy", "mean_iou"] + (["f1", "roc_auc"] if k == 2 else [])
@@ -317,6 +373,7 @@ class SegmentationTask(Task):
     def build_model(self, cfg: SegmentConfig) -> nn.Module:
         options = {**cfg.model_options, "num_classes": len(self.classes), "in_chans": self.channels}
         model, self.patch = create_patch_net(cfg.model, **options)
+        check_patch_dims(cfg.model, self.patch, self.volume)
         model.model_options = {k: v for k, v in options.items() if k in model.model_options or k in cfg.model_options
                                or k in ("num_classes", "in_chans")}
         self.dense = densify(model, self.patch, border=cfg.border, mode=cfg.dense_mode,
@@ -368,8 +425,11 @@ class SegmentationTask(Task):
             pixels += int((target != IGNORE_INDEX).sum())
             probs = scores.softmax(1)
             meter.update(probs, target)
-            if len(examples) < 4:
-                examples.append((s, probs[0]))
+            if len(examples) < 4:  # a volume is shown by its middle slice
+                mid = s.target.shape[0] // 2 if s.target.dim() == 3 else None
+                examples.append((s, probs[0]) if mid is None else
+                                (replace(s, name=f"{s.name} z={mid}", image=s.image[:, mid], target=s.target[mid]),
+                                 probs[0, :, mid]))
         metrics = meter.compute()
         metrics["loss"] = loss_sum / max(1, pixels)
         return metrics, examples
@@ -385,7 +445,8 @@ class SegmentationTask(Task):
                 "palette": cfg.palette or None, "ignore_value": cfg.ignore_value, "mask_mode": cfg.mask_mode,
                 "valid_region": cfg.valid is not None, "select": self.key,
                 "symmetries": JointAugment.from_spec(cfg.augment).symmetries(),
-                "layouts": self.dense.core.chooser.chosen()}
+                "layouts": self.dense.core.chooser.chosen(),
+                "volume": self.volume.meta() if self.volume is not None else None}
 
     def restore(self, ckpt) -> None:
         self.dense.core.chooser.pinned = dict(ckpt.meta.get("layouts", {}))  # compute as before the interruption
@@ -453,13 +514,17 @@ def _load(cfg: SegmentConfig) -> tuple[list, list, str]:
                                            num_classes=cfg.num_classes or 3)
         train, val = split_samples(samples, cfg.val_fraction, cfg.seed)
         return train, val, f"generated textured shapes ({cfg.generated_count} images)"
-    kw = dict(images=cfg.images, masks=cfg.masks, valid=cfg.valid, mask_mode=cfg.mask_mode,
+    kw = dict(images=cfg.images, masks=cfg.masks, mask_mode=cfg.mask_mode,
               palette=[tuple(c) for c in cfg.palette] or None, ignore_value=cfg.ignore_value,
-              resize_to_mask=cfg.resize_to_mask, scale=cfg.scale, skip_unpaired=cfg.skip_unpaired,
-              mask_suffix=cfg.mask_suffix, image_suffix=cfg.image_suffix)
-    samples = load_folder(Path(cfg.data), **kw)
+              skip_unpaired=cfg.skip_unpaired, mask_suffix=cfg.mask_suffix, image_suffix=cfg.image_suffix)
+    if VolumeMode.parse(cfg.volume) is None:
+        load = load_folder
+        kw.update(valid=cfg.valid, resize_to_mask=cfg.resize_to_mask, scale=cfg.scale)
+    else:
+        load = load_volume_folder
+    samples = load(Path(cfg.data), **kw)
     if cfg.val_data:
-        return samples, load_folder(Path(cfg.val_data), **kw), f"{cfg.data} (held out: {cfg.val_data})"
+        return samples, load(Path(cfg.val_data), **kw), f"{cfg.data} (held out: {cfg.val_data})"
     train, val = split_samples(samples, cfg.val_fraction, cfg.seed)
     return train, val, cfg.data
 
