@@ -264,7 +264,7 @@ def densify(model: nn.Module, patch_size, *, border: str = "zeros", exact: bool 
         the padded image cannot be tiled away: a budget below them plus the smallest tile raises
         ConfigError naming the minimum. None (default): the output and padded image plus 512 MB
         for the tiles (or half the memory still available, if less); the descriptor net at
-        1080 x 720 then peaks at 0.87 GB at 0.96x the untiled speed (benchmarks/dense.py).
+        1080 x 720 then peaks at 0.75 GB at 0.93x the untiled speed (benchmarks/dense.py, 2 threads).
         Results are identical whatever the tiles (bit for bit in float64).
     tile_size: int or tuple: use tiles of this size instead (no memory prediction).
 
