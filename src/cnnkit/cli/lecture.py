@@ -10,10 +10,10 @@ from pathlib import Path
 from cnnkit.cli.argtypes import positive_int, seed
 
 EPILOG = """examples:
-  cnnkit lecture --out runs/lecture            the full report (about 20 minutes on 2 cores)
-  cnnkit lecture --out runs/lecture --quick    every section at smoke-test scale (about 3 minutes)
-  cnnkit lecture --out runs/lecture --only alexnet,toy_example
-                                               rebuild two sections, keep the others
+  cnnkit lecture --out runs/lecture            the full report (about 5 minutes on 2 cores)
+  cnnkit lecture --out runs/lecture --quick    every section at smoke-test scale (about 1 minute)
+  cnnkit lecture --out runs/lecture --only alexnet,toy_example --rebuild
+                                               build two sections again, keep the others
   cnnkit lecture --list                        the sections, in the lecture's order
 
 A rerun reuses every finished section built with the same --quick and --seed (an interrupted
@@ -69,8 +69,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "source, not faked. numbers.json and numbers.csv hold every number.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("runs/lecture"), help="report folder (default runs/lecture)")
-    p.add_argument("--quick", action="store_true", help="every section at smoke-test scale (minutes)")
-    p.add_argument("--only", type=_keys, metavar="KEYS", help="comma-separated sections to build (see --list)")
+    p.add_argument("--quick", action="store_true", help="every section at smoke-test scale (about a minute)")
+    p.add_argument("--only", type=_keys, metavar="KEYS",
+                   help="comma-separated sections to build, or reuse when already built (see --list)")
     p.add_argument("--rebuild", action="store_true", help="build every section again instead of reusing it")
     p.add_argument("--seed", type=seed, default=0, help="random seed of every experiment (default 0)")
     p.add_argument("--threads", type=positive_int, default=1,
