@@ -129,3 +129,13 @@ def test_list_names_every_section():
     assert r.returncode == 0
     keys = [ln.split()[0] for ln in r.stdout.splitlines()]
     assert {"alexnet", "toy_example", "relu_tanh", "direct_maps", "pixelwise"} <= set(keys)
+
+
+def test_damaged_stored_section_is_built_again_with_a_warning(report):
+    out, _, _ = report
+    (out / "sections" / "nin.json").write_text("{not json")
+    r = _cnnkit("lecture", "--quick", "--out", out, "--only", "nin")
+    assert r.returncode == 0
+    assert r.stderr == f"warning: {out / 'sections' / 'nin.json'} is damaged; building the section again\n"
+    assert r.stdout.startswith("nin ") and "reused" not in r.stdout.splitlines()[0]
+    assert json.loads((out / "sections" / "nin.json").read_text())["section"]["key"] == "nin"

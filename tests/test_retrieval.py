@@ -31,22 +31,14 @@ from cnnkit.train.runner import TrainConfig, fit
 
 
 def naive_retrieval(q, ql, db, dbl, ks, metric="euclidean"):
-    """The obvious loops: rank the database for each query, walk down the ranking."""
-    aps, precs = [], {k: [] for k in ks}
+    """The obvious loops: every distance one by one, then each query's ranking walked down."""
+    rows = []
     for i in range(len(q)):
         if metric == "euclidean":
-            dist = [float(((q[i] - db[j]) ** 2).sum().sqrt()) for j in range(len(db))]
+            rows.append([float(((q[i] - db[j]) ** 2).sum().sqrt()) for j in range(len(db))])
         else:
-            dist = [1 - float(q[i] @ db[j] / (q[i].norm() * db[j].norm())) for j in range(len(db))]
-        order = sorted(range(len(db)), key=lambda j: (dist[j], j))
-        hits, total, relevant = 0, 0.0, int((dbl == ql[i]).sum())
-        for rank, j in enumerate(order, start=1):
-            if dbl[j] == ql[i]:
-                hits += 1
-                total += hits / rank
-            if rank in precs:
-                precs[rank].append(hits / rank)
-        aps.append(total / relevant)
+            rows.append([1 - float(q[i] @ db[j] / (q[i].norm() * db[j].norm())) for j in range(len(db))])
+    aps, precs = full_sort_twin(np.array(rows), np.asarray(ql), np.asarray(dbl), ks)
     return float(np.mean(aps)), {k: float(np.mean(v)) for k, v in precs.items()}
 
 
