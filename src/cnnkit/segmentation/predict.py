@@ -323,6 +323,26 @@ def _remove_stale_tmp(out: Path, names: set[str]) -> int:
     return removed
 
 
+def _check_unique(paths: Sequence[Path], name_of, what: str) -> None:
+    """Two inputs of one name would write the same outputs: refused before anything is written."""
+    seen: dict[str, Path] = {}
+    for p in paths:
+        if seen.setdefault(name_of(p), p) != p:
+            raise DataError(f"{what} {seen[name_of(p)]} and {p} have the same name and would write the same outputs; "
+                            "rename one or predict them into separate folders")
+
+
+def _decoding(segmenter: Segmenter, positive, mask_mode, palette, ignore_value) -> tuple:
+    """(positive, mask_mode, palette, ignore_value): the arguments given, else the checkpoint's."""
+    meta, k = segmenter.meta, segmenter.num_classes
+    positive = segmenter.positive if positive is None else positive
+    if not 0 <= positive < k:
+        raise DataError(f"positive class {positive} is not one of the {k} classes (0..{k - 1}); pass one of them")
+    return (positive, mask_mode or meta.get("mask_mode") or "auto",
+            palette if palette is not None else meta.get("palette"),
+            ignore_value if ignore_value is not None else meta.get("ignore_value"))
+
+
 def predict_files(segmenter: Segmenter, files: Sequence[Path], out: str | Path, *,
                   valid_files: Sequence[Path | None] | None = None, rank: int = 0, world_size: int = 1,
                   overwrite: bool = False, progress: bool | None = None) -> PredictSummary:
@@ -335,11 +355,7 @@ def predict_files(segmenter: Segmenter, files: Sequence[Path], out: str | Path, 
     valid_files = list(valid_files) if valid_files is not None else [None] * len(files)
     if len(valid_files) != len(files):
         raise DataError(f"{len(valid_files)} valid-region masks for {len(files)} images; give one per image")
-    stems: dict[str, Path] = {}
-    for f in files:
-        if stems.setdefault(f.stem, f) != f:
-            raise DataError(f"images {stems[f.stem]} and {f} have the same name and would write the same outputs; "
-                            "rename one or predict them into separate folders")
+    _check_unique(files, lambda f: f.stem, "images")
     # said once the first image has loaded, so that a bad input's stderr stays its one error line
     warn_valid = bool(segmenter.meta.get("valid_region")) and all(v is None for v in valid_files)
     out = ensure_writable_dir(out)
@@ -380,14 +396,8 @@ def evaluate_files(segmenter: Segmenter, files: Sequence[Path], mask_files: Sequ
     Mask decoding (mode, palette, ignore value) defaults to the checkpoint's. Returns the
     :class:`SegmentationMeter` scores with ``classes``, ``images``, ``threshold`` and ``tta``.
     """
-    meta = segmenter.meta
-    mask_mode = mask_mode or meta.get("mask_mode") or "auto"
-    palette = palette if palette is not None else meta.get("palette")
-    ignore_value = ignore_value if ignore_value is not None else meta.get("ignore_value")
-    positive = segmenter.positive if positive is None else positive
+    positive, mask_mode, palette, ignore_value = _decoding(segmenter, positive, mask_mode, palette, ignore_value)
     k = segmenter.num_classes
-    if not 0 <= positive < k:
-        raise DataError(f"positive class {positive} is not one of the {k} classes (0..{k - 1}); pass one of them")
     valid_files = list(valid_files) if valid_files is not None else [None] * len(files)
     if not len(files) == len(mask_files) == len(valid_files):
         raise DataError(f"{len(files)} images, {len(mask_files)} masks and {len(valid_files)} valid-region masks; "
@@ -463,11 +473,7 @@ def predict_volumes(segmenter: Segmenter, volumes: Sequence[Path], out: str | Pa
     if segmenter.volume is None:
         raise ConfigError("predict_volumes needs a checkpoint from `cnnkit segment train --volume`")
     volumes = [Path(v) for v in volumes]
-    stems: dict[str, Path] = {}
-    for v in volumes:
-        if stems.setdefault(_volume_name(v), v) != v:
-            raise DataError(f"volumes {stems[_volume_name(v)]} and {v} have the same name and would write the same "
-                            "outputs; rename one or predict them into separate folders")
+    _check_unique(volumes, _volume_name, "volumes")
     out = ensure_writable_dir(out)
     mine = volumes[rank::world_size]
     k = segmenter.num_classes
@@ -491,18 +497,13 @@ def evaluate_volumes(segmenter: Segmenter, volumes: Sequence[Path], mask_volumes
                      positive: int | None = None, mask_mode: str | None = None, palette=None,
                      ignore_value: int | None = None, progress: bool | None = None) -> dict:
     """:func:`evaluate_files` for volumes: the scores over every labelled voxel of every volume."""
-    meta = segmenter.meta
-    positive = segmenter.positive if positive is None else positive
+    positive, mask_mode, palette, ignore_value = _decoding(segmenter, positive, mask_mode, palette, ignore_value)
     k = segmenter.num_classes
-    if not 0 <= positive < k:
-        raise DataError(f"positive class {positive} is not one of the {k} classes (0..{k - 1}); pass one of them")
     meter = SegmentationMeter(k, positive=positive)
     show = progress if progress is not None else sys.stderr.isatty()
     for path, mask_path in tqdm(list(zip(volumes, mask_volumes)), desc="evaluate", unit="volume", disable=not show):
         volume = _load_volume(segmenter, Path(path))
-        target = load_mask_volume(Path(mask_path), mask_mode or meta.get("mask_mode") or "auto",
-                                  palette if palette is not None else meta.get("palette"),
-                                  ignore_value if ignore_value is not None else meta.get("ignore_value"))
+        target = load_mask_volume(Path(mask_path), mask_mode, palette, ignore_value)
         check_mask_shape(target, Path(mask_path), volume, Path(path))
         _check_values(target, Path(mask_path), k)
         probs = volume_probabilities(segmenter, volume)
